@@ -11,3 +11,19 @@ def mosquitto(tmp_path):
         yield port
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def world_tmp():
+    """A temp dir the unprivileged user can traverse (pytest's tmp_path is
+    root-only 0700 when tests run as root). Removed afterwards."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="upparat-test-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

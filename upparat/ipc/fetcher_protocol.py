@@ -35,8 +35,10 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 UNKNOWN = "unknown"
 STATES = (RUNNING, DONE, FAILED, CANCELLED, UNKNOWN)
-# FetchStatus.failure values (job statusDetails.state names, DESIGN.md 4.6)
-FAILURES = ("download_failed", "verification_failed", "file_too_large", "insufficient_disk_space")
+# FetchStatus.failure values: job statusDetails.state names (DESIGN.md 4.6),
+# plus url_expired (HTTP 403: the broker asks AWS for a fresh presigned URL
+# and fetches again; the partial file is kept for resuming).
+FAILURES = ("download_failed", "verification_failed", "file_too_large", "insufficient_disk_space", "url_expired")
 
 
 @dataclass(frozen=True)
