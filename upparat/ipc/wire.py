@@ -166,6 +166,10 @@ class Client:
             self._sock.connect(self._endpoint)
         return self._sock
 
+    def with_timeout(self, timeout_s: float) -> "Client":
+        """A client for the same peer with another wait (own socket)."""
+        return Client(self._context, self._endpoint, self._replies, timeout_s)
+
     def reset(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)

@@ -1,0 +1,101 @@
+"""paho-mqtt 2.x glue: connect, (re)subscribe, and turn callbacks into queue
+events for the main loop. Only the public paho API; no subclassing.
+
+Events put on the queue: ("connected",) once every subscription is
+acknowledged, ("disconnected",), ("message", topic, payload).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import ssl
+
+import paho.mqtt.client as mqtt
+
+log = logging.getLogger("upparat.broker.mqtt")
+
+
+def _memfd_path(name: str, text: str) -> str:
+    """A path to PEM text held only in this process's memory: the key file
+    itself may be readable by root only (the supervisor passed its content)."""
+    fd = os.memfd_create(name, 0)
+    os.write(fd, text.encode())
+    return f"/proc/self/fd/{fd}"
+
+
+def tls_context(broker_cfg, files: dict[str, str]) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if files.get("cafile"):
+        context.load_verify_locations(cadata=files["cafile"])
+    if files.get("certfile") and files.get("keyfile"):
+        context.load_cert_chain(_memfd_path("cert", files["certfile"]), _memfd_path("key", files["keyfile"]))
+        if broker_cfg.port == 443:
+            # AWS IoT: MQTT with client certificates on 443 needs this ALPN.
+            context.set_alpn_protocols(["x-amzn-mqtt-ca"])
+    return context
+
+
+class Connection:
+    def __init__(self, broker_cfg, subscriptions: list[str], events: queue.Queue, files: dict[str, str]):
+        self.cfg = broker_cfg
+        self.subscriptions = subscriptions
+        self.events = events
+        self._pending_mids: set[int] = set()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=broker_cfg.client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self.client.max_queued_messages_set(1000)
+        if broker_cfg.ssl:
+            self.client.tls_set_context(tls_context(broker_cfg, files))
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    def start(self) -> None:
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=60)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            log.error("MQTT connection refused: %s", reason_code)
+            return
+        log.info("connected to %s:%d", self.cfg.host, self.cfg.port)
+        result, mid = client.subscribe([(t, 1) for t in self.subscriptions])
+        if result != mqtt.MQTT_ERR_SUCCESS:
+            log.error("subscribe failed: %s", mqtt.error_string(result))
+            return
+        self._pending_mids = {mid}
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        if mid not in self._pending_mids:
+            return
+        self._pending_mids.discard(mid)
+        failed = [self.subscriptions[i] for i, rc in enumerate(reason_codes) if rc.is_failure]
+        if failed:
+            # AWS answers a policy problem with a failing SUBACK (pitfall 22).
+            log.error("broker refused subscriptions %s: check the device policy", failed)
+            return
+        self.events.put(("connected",))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        log.warning("disconnected from the MQTT broker (%s); reconnecting", reason_code)
+        self.events.put(("disconnected",))
+
+    def _on_message(self, client, userdata, message):
+        self.events.put(("message", message.topic, bytes(message.payload)))
