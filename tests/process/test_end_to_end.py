@@ -1,0 +1,109 @@
+"""End to end: a real Mosquitto, the jobs emulator, a real HTTP file server,
+the real supervisor and its three children (as root: broker and fetcher as
+the unprivileged user). Each test creates a job and waits, with a deadline,
+for its terminal status."""
+
+import os
+import signal
+
+import pytest
+
+from tests.support import child_pids, poll_for
+from upparat.devtools.sandbox import Sandbox, sha256_of
+
+FAILING_INSTALL = """#!/bin/sh
+touch "{base}/state/install-ran"
+exit 1
+"""
+RETRYING_INSTALL = """#!/bin/sh
+# exit 3 (retry) on the first attempt, then install
+if [ ! -e "{base}/state/asked-retry" ]; then touch "{base}/state/asked-retry"; exit 3; fi
+cp "$4" "{base}/installed/$(basename "$4")"
+echo "$3" > "{base}/state/pending"
+"""
+MARKING_INSTALL = """#!/bin/sh
+touch "{base}/state/install-ran"
+cp "$4" "{base}/installed/$(basename "$4")"
+echo "$3" > "{base}/state/pending"
+"""
+
+
+@pytest.fixture
+def sandbox(world_tmp, request):
+    hooks = getattr(request, "param", None) or {}
+    box = Sandbox(world_tmp / "box", hooks=hooks)
+    box.start()
+    try:
+        poll_for(lambda: len(child_pids(box.supervisor.pid)) == 3, 20, what="three children")
+        yield box
+    finally:
+        box.stop()
+        if os.environ.get("UPPARAT_TEST_LOGS"):
+            print(box.logs())
+
+
+def states(execution):
+    return [h["statusDetails"].get("state") for h in execution["history"]]
+
+
+def test_happy_path_installs_the_verified_file(sandbox):
+    path = sandbox.add_file("fw-2.bin", os.urandom(300_000))
+    sandbox.create_job("job-happy", sandbox.document("fw-2.bin", "2.0.0"))
+    final = sandbox.wait_for_job("job-happy")
+    assert final["status"] == "SUCCEEDED", sandbox.logs()[-4000:]
+    assert final["statusDetails"]["state"] == "complete_ready"
+    assert states(final)[0] == "download_start"
+    assert "installation_start" in states(final) and "reboot_start" in states(final)
+    assert sha256_of(sandbox.path("installed", "job-happy")) == sha256_of(path)
+    assert sandbox.path("state", "version").read_text().strip() == "2.0.0"
+
+
+def test_version_already_installed_succeeds_without_download(sandbox):
+    sandbox.add_file("fw-1.bin", b"same version")
+    sandbox.create_job("job-same", sandbox.document("fw-1.bin", "1.0.0"))
+    final = sandbox.wait_for_job("job-same")
+    assert (final["status"], final["statusDetails"]["state"]) == ("SUCCEEDED", "version_already_installed")
+    assert sandbox.files.requests == []
+
+
+@pytest.mark.parametrize("sandbox", [{"install": FAILING_INSTALL}], indirect=True)
+def test_install_hook_exit_1_fails_the_job(sandbox):
+    sandbox.add_file("fw-3.bin", b"x" * 1000)
+    sandbox.create_job("job-fail", sandbox.document("fw-3.bin", "3.0.0"))
+    final = sandbox.wait_for_job("job-fail")
+    assert (final["status"], final["statusDetails"]["state"]) == ("FAILED", "installation_hook_failed")
+    assert "exit code 1" in final["statusDetails"]["message"]
+
+
+@pytest.mark.parametrize("sandbox", [{"install": RETRYING_INSTALL}], indirect=True)
+def test_hook_exit_3_then_0_succeeds(sandbox):
+    sandbox.add_file("fw-4.bin", b"y" * 1000)
+    sandbox.create_job("job-retry", sandbox.document("fw-4.bin", "4.0.0"))
+    final = sandbox.wait_for_job("job-retry")
+    assert final["status"] == "SUCCEEDED", final
+    assert sandbox.path("state", "asked-retry").exists()
+
+
+@pytest.mark.parametrize("sandbox", [{"install": MARKING_INSTALL}], indirect=True)
+def test_sha256_mismatch_fails_verification_and_never_installs(sandbox):
+    sandbox.add_file("fw-5.bin", b"z" * 1000)
+    document = sandbox.document("fw-5.bin", "5.0.0", sha256="0" * 64)
+    sandbox.create_job("job-badhash", document)
+    final = sandbox.wait_for_job("job-badhash")
+    assert (final["status"], final["statusDetails"]["state"]) == ("FAILED", "verification_failed")
+    assert "sha256" in final["statusDetails"]["message"]
+    assert not sandbox.path("state", "install-ran").exists()
+    assert not sandbox.path("installed", "job-badhash").exists()
+
+
+@pytest.mark.parametrize("child", ["broker", "fetcher", "installer"])
+def test_killed_child_is_restarted_and_next_job_succeeds(sandbox, child):
+    before = child_pids(sandbox.supervisor.pid)
+    os.kill(before[child], signal.SIGKILL)
+    after = poll_for(lambda: (p := child_pids(sandbox.supervisor.pid)).get(child) not in (None, before[child]) and p,
+                     30, what=f"{child} to be restarted")
+    assert after[child] != before[child]
+    sandbox.add_file("fw-6.bin", os.urandom(5000))
+    sandbox.create_job(f"job-after-{child}", sandbox.document("fw-6.bin", "6.0.0"))
+    final = sandbox.wait_for_job(f"job-after-{child}", timeout=90)
+    assert final["status"] == "SUCCEEDED", sandbox.logs()[-4000:]

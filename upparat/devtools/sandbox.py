@@ -1,0 +1,278 @@
+"""A complete local update rig: a real Mosquitto, the AWS IoT Jobs emulator,
+a file server standing in for S3 presigned URLs, hook scripts, a config file
+and the real ``upparat-supervisor`` with its three children.
+
+Used by the demo (``upparat-demo``) and by the end-to-end tests, so that the
+demo shows exactly what the tests prove. Every process it starts is stopped
+by PID in ``stop()``. Development tool: never part of a device deployment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from upparat.devtools.fileserver import FileServer
+from upparat.devtools.jobs_emulator import JobsEmulator
+
+THING = "upparat-sandbox"
+BUCKET = "https://upparat-demo.s3.amazonaws.com"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.05):
+    """Poll ``condition()`` until truthy; raise TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def mosquitto_binary() -> str:
+    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise RuntimeError("mosquitto is not installed: run scripts/bootstrap (Debian: apt-get install mosquitto)")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Child:
+    """A process we started; stopped by PID (SIGTERM, wait, SIGKILL)."""
+
+    def __init__(self, argv, log_path: Path, **kwargs):
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.popen = subprocess.Popen([str(a) for a in argv], stdout=self._log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL, **kwargs)
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                self.popen.wait(timeout)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        self._log.close()
+        return self.popen.returncode
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+# Demo hooks. The "device" keeps its installed version in state/version;
+# install copies the staged file to installed/ and remembers the version
+# from meta; restart makes it current (a soft restart).
+HOOK_SCRIPTS = {
+    "version": """#!/bin/sh
+cat "{base}/state/version"
+""",
+    "download": """#!/bin/sh
+exit 0
+""",
+    "install": """#!/bin/sh
+# argv: elapsed_s retry meta file
+set -e
+cp "$4" "{base}/installed/$(basename "$4")"
+echo "$3" > "{base}/state/pending"
+echo "installed $(basename "$4")"
+""",
+    "restart": """#!/bin/sh
+# argv: elapsed_s retry meta force
+mv "{base}/state/pending" "{base}/state/version"
+""",
+    "ready": """#!/bin/sh
+exit 0
+""",
+}
+
+
+class Sandbox:
+    def __init__(self, base: Path, hooks: dict[str, str | None] | None = None, config_extra: str = "",
+                 public_keys: list[Path] | None = None, job_prefix: str = ""):
+        self.base = Path(base)
+        self.hook_bodies = dict(HOOK_SCRIPTS)
+        if hooks:
+            self.hook_bodies.update(hooks)
+        self.config_extra = config_extra
+        self.public_keys = public_keys or []
+        self.job_prefix = job_prefix
+        self.procs: list[Child] = []
+        self.mosquitto: Child | None = None
+        self.supervisor: Child | None = None
+        self.files: FileServer | None = None
+        self.emulator: JobsEmulator | None = None
+        self.mqtt_port = 0
+
+    # -- layout -------------------------------------------------------------
+    def path(self, *parts) -> Path:
+        return self.base.joinpath(*parts)
+
+    def prepare(self) -> None:
+        for sub in ("hooks", "state", "installed", "files", "logs", "dl"):
+            self.path(sub).mkdir(parents=True, exist_ok=True)
+        self.base.chmod(0o755)
+        self.path("dl").chmod(0o755)
+        if not self.path("state", "version").exists():
+            self.path("state", "version").write_text("1.0.0\n")
+        for name, body in self.hook_bodies.items():
+            if body is None:
+                continue
+            script = self.path("hooks", name)
+            script.write_text(body.format(base=self.base))
+            script.chmod(0o755)
+        self.write_config()
+
+    def write_config(self) -> Path:
+        hooks = "\n".join(f"{n} = {self.path('hooks', n)}" for n, b in self.hook_bodies.items() if b is not None)
+        keys = ",".join(str(k) for k in self.public_keys)
+        text = f"""[service]
+log_level = DEBUG
+download_location = {self.path('dl')}
+staging_location = {self.path('staging')}
+job_prefix = {self.job_prefix}
+
+[broker]
+host = 127.0.0.1
+port = {self.mqtt_port or 1883}
+thing_name = {THING}
+client_id = upparat-{THING}
+
+[hooks]
+{hooks}
+retry_interval = 1
+max_retries = 3
+timeout = 60
+version_confirm_window = 10
+
+[verification]
+{'public_keys = ' + keys if keys else ''}
+
+[supervisor]
+runtime_dir = {self.path('run')}
+{self.config_extra}
+"""
+        self.path("upparat.conf").write_text(text)
+        return self.path("upparat.conf")
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self, supervisor: bool = True) -> "Sandbox":
+        self.prepare()
+        self.mqtt_port = free_port()
+        conf = self.path(f"mosquitto-{self.mqtt_port}.conf")
+        conf.write_text(f"listener {self.mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                        + ("user root\n" if os.geteuid() == 0 else ""))
+        self.mosquitto = Child([mosquitto_binary(), "-c", conf], self.path("logs", "mosquitto.log"))
+        self.procs.append(self.mosquitto)
+        wait_until(lambda: _port_open(self.mqtt_port) or not self.mosquitto.alive(), 10, "mosquitto to listen")
+        if not self.mosquitto.alive():
+            raise RuntimeError(f"mosquitto did not start:\n{self.mosquitto.output()}")
+        self.files = FileServer(self.path("files"))
+        self.files.start()
+        self.emulator = JobsEmulator(host="127.0.0.1", port=self.mqtt_port, presign=self.files.presign)
+        self.emulator.start()
+        self.write_config()
+        if supervisor:
+            self.start_supervisor()
+        return self
+
+    def start_supervisor(self) -> Child:
+        argv = [sys.executable, "-m", "upparat.supervisor", "-c", self.path("upparat.conf"), "-v"]
+        self.supervisor = Child(argv, self.path("logs", "supervisor.log"))
+        self.procs.append(self.supervisor)
+        return self.supervisor
+
+    def stop(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        if self.emulator is not None:
+            self.emulator.stop()
+        if self.files is not None:
+            self.files.stop()
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def __enter__(self) -> "Sandbox":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- jobs ---------------------------------------------------------------
+    def add_file(self, name: str, data: bytes) -> Path:
+        target = self.path("files", name)
+        target.write_bytes(data)
+        return target
+
+    def document(self, name: str, version: str, sha256: str | None = None, size: int | None = None,
+                 signature: str | None = None, **extra) -> dict:
+        path = self.path("files", name)
+        doc = {
+            "version": version,
+            "file": f"${{aws:iot:s3-presigned-url:{BUCKET}/{name}}}",
+            "meta": version,
+            "force": False,
+            "sha256": sha256 if sha256 is not None else sha256_of(path),
+            "size": size if size is not None else path.stat().st_size,
+        }
+        if signature is not None:
+            doc["signature"] = signature
+        doc.update(extra)
+        return {k: v for k, v in doc.items() if v is not None}
+
+    def create_job(self, job_id: str, document: dict) -> None:
+        self.emulator.create_job(job_id, document, [THING])
+
+    def wait_for_job(self, job_id: str, statuses=("SUCCEEDED", "FAILED"), timeout: float = 60.0) -> dict:
+        return self.emulator.wait_for_status(job_id, THING, set(statuses), timeout)
+
+    def execution(self, job_id: str) -> dict | None:
+        return self.emulator.execution(job_id, THING)
+
+    def logs(self) -> str:
+        return self.supervisor.output() if self.supervisor else ""
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def describe(execution: dict | None) -> str:
+    if execution is None:
+        return "no such execution"
+    details = execution.get("statusDetails") or {}
+    return f"{execution.get('status')} {json.dumps(details, sort_keys=True)}"
