@@ -119,3 +119,57 @@ def start_mosquitto(workdir: Path, port: int | None = None) -> tuple[Proc, int]:
 
 def _raise(proc: Proc):
     raise RuntimeError(f"process exited early: {proc.argv}\n{proc.log()}")
+
+
+# -- supervised processes (appended for the supervisor tests) --
+
+CHILD_NAMES = ("broker", "fetcher", "installer")
+
+
+def _cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return [part.decode(errors="replace") for part in fh.read().split(b"\0") if part]
+
+
+def child_pids(supervisor_pid: int) -> dict[str, int]:
+    """Map "broker"/"fetcher"/"installer" to the PIDs of the supervisor's
+    live children, recognised by ``-m upparat.<name>_proc`` in their cmdline.
+
+    Reads /proc/<pid>/task/<pid>/children; zombies (exited, not yet reaped)
+    are left out. A child that is not running is absent from the result.
+    """
+    try:
+        with open(f"/proc/{supervisor_pid}/task/{supervisor_pid}/children") as fh:
+            pids = [int(p) for p in fh.read().split()]
+    except FileNotFoundError:
+        return {}
+    found: dict[str, int] = {}
+    for pid in pids:
+        try:
+            argv = _cmdline(pid)
+            if proc_status(pid).get("State", "").startswith("Z"):
+                continue
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for name in CHILD_NAMES:
+            if f"upparat.{name}_proc" in argv:
+                found[name] = pid
+    return found
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/<pid>/status as a dict, e.g. {"Uid": "999\\t999\\t999\\t999", "CapEff": "0000..."}."""
+    status = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            status[key] = value.strip()
+    return status
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        return not proc_status(pid).get("State", "").startswith("Z")
+    except FileNotFoundError:
+        return False
