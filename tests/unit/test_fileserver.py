@@ -1,0 +1,171 @@
+"""The S3 stand-in answers like S3 where the fetcher depends on it."""
+
+from __future__ import annotations
+
+import http.client
+import os
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import requests
+
+from upparat.devtools.fileserver import FileServer
+
+DATA = bytes(range(256)) * 1000  # 256000 bytes
+
+
+@pytest.fixture
+def served(tmp_path):
+    root = tmp_path / "bucket"
+    (root / "fw").mkdir(parents=True)
+    (root / "fw" / "image.bin").write_bytes(DATA)
+    (tmp_path / "secret.txt").write_text("outside")
+    fs = FileServer(root).start()
+    try:
+        yield fs
+    finally:
+        fs.stop()
+
+
+def url(fs, key="/fw/image.bin", **kw):
+    return fs.presign(f"https://bucket.s3.amazonaws.com{key}", **kw)
+
+
+def test_presign_maps_any_host_to_local_base_url(served):
+    signed = url(served)
+    assert signed.startswith(served.base_url + "/fw/image.bin?X-Amz-Expires=3600&X-Amz-Date=")
+    assert "X-Amz-Signature=" in signed
+    assert served.base_url.startswith("http://127.0.0.1:")
+
+
+def test_get_serves_the_whole_file_with_content_length(served):
+    resp = requests.get(url(served), timeout=5)
+    assert resp.status_code == 200
+    assert resp.headers["Content-Length"] == str(len(DATA))
+    assert resp.content == DATA
+    assert served.requests == [("/fw/image.bin", None)]
+
+
+def test_head_gives_headers_without_body(served):
+    resp = requests.head(url(served), timeout=5)
+    assert resp.status_code == 200
+    assert resp.headers["Content-Length"] == str(len(DATA))
+    assert resp.content == b""
+
+
+def test_open_range_answers_206_with_content_range(served):
+    resp = requests.get(url(served), headers={"Range": "bytes=1000-"}, timeout=5)
+    assert resp.status_code == 206
+    assert resp.headers["Content-Range"] == f"bytes 1000-{len(DATA) - 1}/{len(DATA)}"
+    assert resp.headers["Content-Length"] == str(len(DATA) - 1000)
+    assert resp.content == DATA[1000:]
+    assert served.requests[-1] == ("/fw/image.bin", "bytes=1000-")
+
+
+def test_range_past_the_end_is_416_invalid_range(served):
+    resp = requests.get(url(served), headers={"Range": f"bytes={len(DATA)}-"}, timeout=5)
+    assert resp.status_code == 416
+    assert "<Code>InvalidRange</Code>" in resp.text
+    assert resp.headers["Content-Range"] == f"bytes */{len(DATA)}"
+    assert resp.headers["Content-Length"] == str(len(resp.content))
+
+
+def test_expired_url_is_403_request_has_expired(served):
+    old = datetime.now(timezone.utc) - timedelta(hours=2)
+    resp = requests.get(url(served, expires_in=3600, now=old), timeout=5)
+    assert resp.status_code == 403
+    assert "<Code>AccessDenied</Code><Message>Request has expired</Message>" in resp.text
+
+
+def test_tampered_signature_or_path_is_403(served):
+    signed = url(served)
+    assert requests.get(signed.replace("X-Amz-Signature=", "X-Amz-Signature=0"), timeout=5).status_code == 403
+    # A signature is only good for its own key.
+    other = signed.replace("/fw/image.bin", "/fw/other.bin")
+    resp = requests.get(other, timeout=5)
+    assert resp.status_code == 403
+    assert "SignatureDoesNotMatch" in resp.text
+    assert requests.get(served.base_url + "/fw/image.bin", timeout=5).status_code == 403
+
+
+def test_missing_key_is_404(served):
+    resp = requests.get(url(served, key="/fw/nothing.bin"), timeout=5)
+    assert resp.status_code == 404
+    assert "<Code>NoSuchKey</Code>" in resp.text
+
+
+@pytest.mark.parametrize("key", ["/fw/../../secret.txt", "/%2e%2e/secret.txt", "/fw/%2E%2E/%2e%2e/secret.txt"])
+def test_never_serves_outside_the_directory(served, key):
+    # http.client sends the path as given (requests would normalise the dots away).
+    signed = url(served, key=key)
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=5)
+    try:
+        conn.request("GET", signed[len(served.base_url):])
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    assert served.requests[-1][0] == key
+    assert resp.status == 404
+    assert b"outside" not in body
+    assert served.resolve(key) is None
+
+
+def test_symlink_leading_out_is_not_followed(served, tmp_path):
+    os.symlink(tmp_path / "secret.txt", served.directory / "fw" / "link.bin")
+    resp = requests.get(url(served, key="/fw/link.bin"), timeout=5)
+    assert resp.status_code == 404
+
+
+def test_fault_ignore_range_answers_200_full_body(served):
+    served.faults.ignore_range = True
+    resp = requests.get(url(served), headers={"Range": "bytes=1000-"}, timeout=5)
+    assert resp.status_code == 200
+    assert resp.content == DATA
+
+
+def test_fault_truncate_after_drops_the_connection(served):
+    served.faults.truncate_after = 5000
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        requests.get(url(served), timeout=5).content  # noqa: B018 - reading is the point
+
+
+def test_fault_times_limits_how_many_requests_misbehave(served):
+    served.faults.fail_status = 503
+    served.faults.times = 1
+    first = requests.get(url(served), timeout=5)
+    second = requests.get(url(served), timeout=5)
+    assert first.status_code == 503 and "<Code>SlowDown</Code>" in first.text
+    assert second.status_code == 200 and second.content == DATA
+
+
+def test_fault_corrupt_flips_a_byte(served):
+    served.faults.corrupt = True
+    body = requests.get(url(served), timeout=5).content
+    assert len(body) == len(DATA)
+    assert body != DATA
+    assert body[1:] == DATA[1:]
+
+
+def test_fault_chunked_hides_the_length(served):
+    served.faults.chunked = True
+    resp = requests.get(url(served), timeout=5)
+    assert "Content-Length" not in resp.headers
+    assert resp.content == DATA
+
+
+def test_fault_range_from_zero_sends_a_206_for_the_wrong_range(served):
+    served.faults.range_from_zero = True
+    resp = requests.get(url(served), headers={"Range": "bytes=1000-"}, timeout=5)
+    assert resp.status_code == 206
+    assert resp.headers["Content-Range"] == f"bytes 0-{len(DATA) - 1}/{len(DATA)}"
+    assert resp.content == DATA
+
+
+def test_fault_chunk_delay_slows_the_body(served):
+    import time
+
+    served.faults.chunk_delay_s = 0.05
+    started = time.monotonic()
+    assert requests.get(url(served), timeout=5).content == DATA
+    assert time.monotonic() - started >= 0.05 * (len(DATA) // (64 * 1024))
