@@ -293,6 +293,7 @@ class Agent:
             return self.enter("fetch")
         if phase == "fetch":
             self.report(IN_PROGRESS, "download_start", version=run.doc.version)
+            run.last_progress_at = self.clock()  # first progress report one interval later
             return self.start_fetch()
         if phase == "stage":
             return self.stage()
@@ -300,6 +301,7 @@ class Agent:
             if hooks.install is None:
                 return self.finish(SUCCEEDED, "no_installation_hook_provided")
             self.report(IN_PROGRESS, "installation_start", version=run.doc.version)
+            run.last_progress_at = self.clock()
         if phase == "restart":
             if hooks.restart is None:
                 return self.finish(SUCCEEDED, "no_restart_hook_provided")

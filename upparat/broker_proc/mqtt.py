@@ -94,7 +94,10 @@ class Connection:
         self.events.put(("connected",))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        log.warning("disconnected from the MQTT broker (%s); reconnecting", reason_code)
+        if reason_code.is_failure:
+            log.warning("disconnected from the MQTT broker (%s); reconnecting", reason_code)
+        else:
+            log.info("disconnected from the MQTT broker")
         self.events.put(("disconnected",))
 
     def _on_message(self, client, userdata, message):
