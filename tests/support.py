@@ -32,6 +32,8 @@ def poll_for(condition, timeout: float = 10.0, interval: float = 0.05, what: str
             value = condition()
             if value:
                 return value
+        except AssertionError:
+            raise  # the condition says waiting is pointless
         except Exception as exc:  # noqa: BLE001 - keep polling, report the last one
             last_exc = exc
         if time.monotonic() >= deadline:

@@ -376,7 +376,7 @@ class Supervisor:
 
     def spawn(self, child: Child) -> None:
         spec, ident = child.spec, self.settings.ident
-        argv = [sys.executable, "-m", spec.module, "--from-supervisor"]
+        argv = [child_interpreter(), "-m", spec.module, "--from-supervisor"]
         drop = {}
         if spec.runs_as == UNPRIVILEGED and ident.separated:
             # extra_groups=[]: user= alone keeps root's supplementary groups.
@@ -390,7 +390,7 @@ class Supervisor:
             log.error("cannot start %s: %s. Fix: the interpreter %s (%s) and the upparat package must be "
                       "readable and executable by %s, also every directory above them (a Python "
                       "installed under /root, mode 0700, is not)",
-                      spec.name, exc, sys.executable, os.path.realpath(sys.executable), who)
+                      spec.name, exc, argv[0], os.path.realpath(argv[0]), who)
             child.machine.spawned(now)
             child.machine.exited(now, codes.EXIT_UNSAFE)
             self.exit_code = codes.EXIT_FAILURE
@@ -582,6 +582,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-t", "--thing-name", help="AWS IoT thing name (overrides [broker] thing_name)")
     return parser.parse_args(argv)
 
+
+
+def child_interpreter() -> str:
+    """Our interpreter, with the directories above it resolved.
+
+    A virtualenv reached through a symlinked directory (``.venv`` ->
+    ``/opt/...``) may sit below a directory the unprivileged user cannot
+    enter; the resolved directory is reachable. The file itself stays
+    unresolved, because a venv is recognised by the path of its ``python``.
+    """
+    directory, name = os.path.split(sys.executable)
+    return os.path.join(os.path.realpath(directory), name)
 
 def main(argv: list[str] | None = None) -> int:
     try:

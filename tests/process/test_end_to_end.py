@@ -34,7 +34,12 @@ def sandbox(world_tmp, request):
     box = Sandbox(world_tmp / "box", hooks=hooks)
     box.start()
     try:
-        poll_for(lambda: len(child_pids(box.supervisor.pid)) == 3, 20, what="three children")
+        def three_children():
+            if not box.supervisor.alive():
+                raise AssertionError(f"supervisor exited:\n{box.logs()[-3000:]}")
+            return len(child_pids(box.supervisor.pid)) == 3
+
+        poll_for(three_children, 20, what="three children")
         yield box
     finally:
         box.stop()
