@@ -4,13 +4,11 @@ a real Mosquitto, and processes that are always stopped by PID."""
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from upparat.devtools.sandbox import Child, free_port, mosquitto_binary, port_open  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -42,60 +40,8 @@ def poll_for(condition, timeout: float = 10.0, interval: float = 0.05, what: str
         time.sleep(interval)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-class Proc:
-    """A started process that is stopped by PID: SIGTERM, wait, SIGKILL."""
-
-    def __init__(self, argv, log_path: Path, **popen_kwargs):
-        self.argv = [str(a) for a in argv]
-        self.log_path = Path(log_path)
-        self._log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, **popen_kwargs)
-        self.pid = self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        if self.popen.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait(5)
-        self._log.close()
-        return self.popen.returncode
-
-
-def mosquitto_binary() -> str:
-    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    raise RuntimeError("mosquitto not installed: run scripts/bootstrap")
+# One implementation of these, shared with the demo's sandbox.
+Proc = Child
 
 
 def start_mosquitto(workdir: Path, port: int | None = None) -> tuple[Proc, int]:

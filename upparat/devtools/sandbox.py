@@ -64,9 +64,10 @@ class Child:
     """A process we started; stopped by PID (SIGTERM, wait, SIGKILL)."""
 
     def __init__(self, argv, log_path: Path, **kwargs):
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.popen = subprocess.Popen([str(a) for a in argv], stdout=self._log, stderr=subprocess.STDOUT,
+        self.argv = [str(a) for a in argv]
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, **kwargs)
         self.pid = self.popen.pid
 
@@ -86,7 +87,7 @@ class Child:
         self._log.close()
         return self.popen.returncode
 
-    def output(self) -> str:
+    def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
@@ -194,9 +195,9 @@ runtime_dir = {self.path('run')}
                         + ("user root\n" if os.geteuid() == 0 else ""))
         self.mosquitto = Child([mosquitto_binary(), "-c", conf], self.path("logs", "mosquitto.log"))
         self.procs.append(self.mosquitto)
-        wait_until(lambda: _port_open(self.mqtt_port) or not self.mosquitto.alive(), 10, "mosquitto to listen")
+        wait_until(lambda: port_open(self.mqtt_port) or not self.mosquitto.alive(), 10, "mosquitto to listen")
         if not self.mosquitto.alive():
-            raise RuntimeError(f"mosquitto did not start:\n{self.mosquitto.output()}")
+            raise RuntimeError(f"mosquitto did not start:\n{self.mosquitto.log()}")
         self.files = FileServer(self.path("files"))
         self.files.start()
         self.emulator = JobsEmulator(host="127.0.0.1", port=self.mqtt_port, presign=self.files.presign)
@@ -260,10 +261,10 @@ runtime_dir = {self.path('run')}
         return self.emulator.execution(job_id, THING)
 
     def logs(self) -> str:
-        return self.supervisor.output() if self.supervisor else ""
+        return self.supervisor.log() if self.supervisor else ""
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return True
