@@ -269,3 +269,21 @@ def test_refused_hook_fails_with_the_reason(tmp_path):
     status, state, details = updates(sent)[-1]
     assert (status, state) == ("FAILED", "version_hook_failed")
     assert "not configured" in details["message"]
+
+
+def test_installer_busy_with_an_earlier_run_is_waited_for(tmp_path):
+    class BusyOnce(FakeInstaller):
+        refusals = 2
+
+        def request(self, msg):
+            if isinstance(msg, ip.RunHook) and self.refusals:
+                self.refusals -= 1
+                return Refused(seq=msg.seq, reason="busy: the install hook of job j1 is running")
+            return super().request(msg)
+
+    inst = BusyOnce({"version": [("done", 0, "2.0")]})
+    agent, sent, clock = make_agent(tmp_path, installer=inst)
+    start_job(agent)
+    drive(agent, sent, clock)
+    assert updates(sent)[-1][:2] == ("SUCCEEDED", "version_already_installed")
+    assert inst.refusals == 0

@@ -37,6 +37,7 @@ PENDING_POLL = 300.0  # s between safety polls for pending jobs while idle
 PROGRESS_EVERY = 10.0  # s between progress reports
 PEER_SILENCE_LIMIT = 300.0  # s a peer may not answer before the job fails
 REBOOT_REPORT_WAIT = 120.0  # s to wait for reboot_start to be accepted before restarting anyway
+BUSY_RETRY = 2.0  # s between attempts while the installer runs another hook
 MAX_URL_REFRESH = 3
 MAX_RELAUNCH = 3
 STAGE_TIMEOUT = 900.0
@@ -80,6 +81,8 @@ class Run:
     last_progress: str = ""
     peer_silent_since: float | None = None
     describe_sent_at: float = 0.0
+    busy_since: float | None = None
+    busy_tried_at: float = 0.0
     checks: list[str] = field(default_factory=list)
 
 
@@ -286,6 +289,7 @@ class Agent:
         run.phase = phase
         run.hook_seq = None
         run.hook_relaunches = 0
+        run.busy_since = None
         hooks = self.cfg.hooks
         if phase == "version" and hooks.version is None:
             return self.enter("download_hook")
@@ -363,7 +367,10 @@ class Agent:
             # Re-asking the version after a soft restart: wait between tries.
             if self.clock() - run.restart_done_at < run_interval(self.cfg) * len(run.checks):
                 return
+        if run.hook_seq is None and run.busy_since is not None and self.clock() - run.busy_tried_at < BUSY_RETRY:
+            return
         if run.hook_seq is None:
+            run.busy_tried_at = self.clock()
             seq = self.next_seq()
             reply = self.call(self.installer, ip.RunHook(
                 job_id=run.job_id, seq=seq, hook=hook, meta=run.doc.meta, force=run.doc.force))
@@ -375,6 +382,9 @@ class Agent:
             if reply is None:
                 return
         if isinstance(reply, Refused):
+            if reply.reason.startswith("busy") and self.wait_while_busy(run):
+                run.hook_seq = None  # not started: ask again on a later tick
+                return  # e.g. an install started before this process restarted is still running
             return self.finish(FAILED, FAILED_STATE[hook], message=f"the installer refused the {hook} hook: {reply.reason}")
         if not isinstance(reply, ip.HookStatus):
             log.error("unexpected reply %s to a hook request", reply.TYPE)
@@ -399,6 +409,17 @@ class Agent:
             if reply.output:
                 message += f"; last output: {reply.output}"
         self.finish(FAILED, FAILED_STATE[hook], message=message)
+
+    def wait_while_busy(self, run: Run) -> bool:
+        """True while it is reasonable to wait for the installer's current hook."""
+        now = self.clock()
+        if run.busy_since is None:
+            run.busy_since = now
+            log.info("job %s: the installer is busy with another hook run; waiting", run.job_id)
+        # A hook run is bounded by the installer's timeout and retries.
+        hooks = self.cfg.hooks
+        limit = hooks.timeout * (hooks.max_retries + 1) + hooks.retry_interval * hooks.max_retries + 60
+        return now - run.busy_since < limit
 
     def hook_done(self, hook: str, output: str) -> None:
         run = self.run
