@@ -112,3 +112,63 @@ def test_killed_child_is_restarted_and_next_job_succeeds(sandbox, child):
     sandbox.create_job(f"job-after-{child}", sandbox.document("fw-6.bin", "6.0.0"))
     final = sandbox.wait_for_job(f"job-after-{child}", timeout=90)
     assert final["status"] == "SUCCEEDED", sandbox.logs()[-4000:]
+
+
+def test_broken_job_document_fails_with_a_reason_and_garbage_payloads_are_survived(sandbox):
+    import paho.mqtt.client as mqtt
+
+    from upparat.devtools.sandbox import THING
+
+    broker_pid = child_pids(sandbox.supervisor.pid)["broker"]
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="garbage-sender")
+    client.connect("127.0.0.1", sandbox.mqtt_port)
+    client.loop_start()
+    try:
+        base = f"$aws/things/{THING}/jobs"
+        for topic in (f"{base}/notify-next", f"{base}/notify", f"{base}/get/accepted",
+                      f"{base}/job-x/get/accepted", f"{base}/job-x/update/rejected"):
+            for payload in (b"\xff\xfe", b"[]", b"{", b'{"execution": {"jobId": 5}}', b"x" * 100_000):
+                client.publish(topic, payload, qos=1).wait_for_publish(5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    sandbox.create_job("job-broken", {"version": "1\n2", "file": "https://example.invalid/x"})
+    final = sandbox.wait_for_job("job-broken")
+    assert (final["status"], final["statusDetails"]["state"]) == ("FAILED", "invalid_job_document")
+    assert "version" in final["statusDetails"]["message"]
+    sandbox.add_file("fw-7.bin", b"after garbage")
+    sandbox.create_job("job-after-garbage", sandbox.document("fw-7.bin", "7.0.0"))
+    assert sandbox.wait_for_job("job-after-garbage")["status"] == "SUCCEEDED", sandbox.logs()[-4000:]
+    assert child_pids(sandbox.supervisor.pid)["broker"] == broker_pid  # never crashed and restarted
+
+
+def test_signature_from_an_unknown_key_fails_and_a_good_one_installs(world_tmp):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from upparat import verify
+
+    trusted, stranger = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+    pub = world_tmp / "release.pub"
+    pub.write_bytes(trusted.public_key().public_bytes(serialization.Encoding.PEM,
+                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
+    box = Sandbox(world_tmp / "box", hooks={"install": MARKING_INSTALL}, public_keys=[pub])
+    box.start()
+    try:
+        path = box.add_file("fw-8.bin", os.urandom(10_000))
+        sha, size = sha256_of(path), path.stat().st_size
+        box.create_job("job-stranger", box.document("fw-8.bin", "8.0.0",
+                                                    signature=verify.sign(stranger, "8.0.0", sha, size)))
+        final = box.wait_for_job("job-stranger")
+        assert (final["status"], final["statusDetails"]["state"]) == ("FAILED", "verification_failed")
+        assert "signature" in final["statusDetails"]["message"]
+        assert not box.path("state", "install-ran").exists()
+        box.create_job("job-unsigned", box.document("fw-8.bin", "8.0.0"))
+        final = box.wait_for_job("job-unsigned")
+        assert (final["status"], final["statusDetails"]["state"]) == ("FAILED", "invalid_job_document")
+        box.create_job("job-signed", box.document("fw-8.bin", "8.0.0",
+                                                  signature=verify.sign(trusted, "8.0.0", sha, size)))
+        assert box.wait_for_job("job-signed")["status"] == "SUCCEEDED", box.logs()[-4000:]
+        assert box.path("state", "install-ran").exists()
+    finally:
+        box.stop()
