@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +215,28 @@ def _hook(cp, key: str, check_files: bool) -> Path | None:
             f"{value} is not an executable file",
             f"create it and make it executable (chmod +x {value}), or remove the key",
         )
+    if check_files and os.geteuid() == 0:
+        problem = _writable_by_others(path)
+        if problem:
+            raise ConfigError("hooks", key, f"root runs this hook, but {problem}",
+                              "make the file and every directory above it owned by root and not writable by others "
+                              "(chown root:root; chmod go-w)")
     return path
+
+
+def _writable_by_others(path: Path) -> str | None:
+    """Why someone other than root could change what ``path`` runs, or None."""
+    current = Path(os.path.realpath(path))
+    for item in [current, *current.parents]:
+        st = item.stat()
+        if st.st_uid != 0:
+            return f"{item} is owned by uid {st.st_uid}"
+        sticky_dir = item != current and st.st_mode & stat.S_ISVTX
+        if st.st_mode & stat.S_IWOTH and not sticky_dir:
+            return f"{item} is writable by everyone"
+        if st.st_mode & stat.S_IWGRP and st.st_gid != 0 and not sticky_dir:
+            return f"{item} is writable by group {st.st_gid}"
+    return None
 
 
 def parse(text: str, source: str = "<config>", check_files: bool = True) -> Config:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from upparat import config
@@ -59,3 +61,18 @@ def test_child_parse_skips_file_checks():
 def test_staging_inside_download_dir_is_refused():
     with pytest.raises(ConfigError, match="staging_location"):
         config.parse("[service]\ndownload_location = /var/dl\nstaging_location = /var/dl/upparat/stage\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership of hooks is checked when root runs them")
+def test_hook_writable_by_others_is_refused_as_root(tmp_path):
+    hook = tmp_path / "install.sh"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o755)
+    config.parse(f"[hooks]\ninstall = {hook}\n")  # root's own, 0755: fine
+    hook.chmod(0o777)
+    with pytest.raises(ConfigError, match=r"^\[hooks\] install: root runs this hook, but .* writable by everyone"):
+        config.parse(f"[hooks]\ninstall = {hook}\n")
+    hook.chmod(0o755)
+    os.chown(hook, 12345, 0)
+    with pytest.raises(ConfigError, match="owned by uid 12345"):
+        config.parse(f"[hooks]\ninstall = {hook}\n")
