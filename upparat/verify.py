@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 CHUNK = 1024 * 1024
 
 
-class KeyError_(Exception):
+class UnusableKey(Exception):
     """A configured public key cannot be used."""
 
 
@@ -46,12 +47,12 @@ def load_public_key(pem: bytes):
         else:
             key = serialization.load_pem_public_key(pem)
     except ValueError as exc:
-        raise KeyError_(f"not a PEM public key or certificate ({exc})") from None
+        raise UnusableKey(f"not a PEM public key or certificate ({exc})") from None
     if isinstance(key, ed25519.Ed25519PublicKey):
         return key
     if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
         return key
-    raise KeyError_("only Ed25519 and ECDSA P-256 keys are accepted")
+    raise UnusableKey("only Ed25519 and ECDSA P-256 keys are accepted")
 
 
 def signature_ok(keys, version: str, sha256: str, size: int, signature_b64: str) -> bool:
@@ -85,8 +86,6 @@ def sign(private_key, version: str, sha256: str, size: int) -> str:
 
 def hash_fd(fd: int) -> tuple[str, int]:
     """sha256 hex and byte count of an open file, read from its start."""
-    import os
-
     digest = hashlib.sha256()
     size = 0
     offset = 0

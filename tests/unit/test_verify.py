@@ -41,7 +41,7 @@ def test_certificate_is_accepted_as_key_and_rsa_is_refused():
             .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
             .sign(key, hashes.SHA256()))
     assert verify.load_public_key(cert.public_bytes(serialization.Encoding.PEM))
-    with pytest.raises(verify.KeyError_):
+    with pytest.raises(verify.UnusableKey):
         verify.load_public_key(pem(rsa.generate_private_key(65537, 2048).public_key()))
 
 

@@ -42,7 +42,7 @@ def main() -> int:
     cfg = ctx.config
     try:
         keys = [verify.load_public_key(pem.encode("utf-8")) for pem in ctx.public_keys_pem]
-    except verify.KeyError_ as exc:
+    except verify.UnusableKey as exc:
         log.error("[verification] public_keys: %s; fix: list Ed25519 or ECDSA P-256 PEM files", exc)
         return codes.EXIT_USAGE
     socket_dir = cfg.supervisor.runtime_dir / "fetcher"

@@ -64,7 +64,7 @@ def main() -> int:
     cfg = ctx.config
     try:
         keys = load_keys(ctx)
-    except verify.KeyError_ as exc:
+    except verify.UnusableKey as exc:
         log.error("[verification] public_keys: %s", exc)
         return codes.EXIT_USAGE
     try:
