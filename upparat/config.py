@@ -15,7 +15,6 @@ import os
 import re
 import socket
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,10 @@ LOG_LEVELS = {
 }
 THING_NAME_RE = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
 JOB_PREFIX_RE = re.compile(r"^[a-zA-Z0-9_-]{0,63}$")
+# Fixed defaults, the same for every process whatever its uid or environment.
+DEFAULT_RUNTIME_DIR = Path("/run/upparat")
+DEFAULT_STAGING = Path("/var/lib/upparat/staging")
+STANDALONE_TMPDIR = "/tmp"  # a child started on its own (per-process units) computes the same
 TRUE_WORDS = {"1", "yes", "true", "on"}
 FALSE_WORDS = {"0", "no", "false", "off"}
 
@@ -239,8 +242,13 @@ def _writable_by_others(path: Path) -> str | None:
     return None
 
 
-def parse(text: str, source: str = "<config>", check_files: bool = True) -> Config:
+def parse(text: str, source: str = "<config>", check_files: bool = True, tmpdir: str = STANDALONE_TMPDIR) -> Config:
     """Parse and validate configuration text. Raises ConfigError.
+
+    ``tmpdir`` is the one computed default: the system temp directory used
+    when ``[service] download_location`` is not set (upparat 1.x). The
+    supervisor looks it up once and hands the same value to every child;
+    every other default is fixed, whoever reads the config.
 
     ``check_files=False`` skips the checks that files exist: an unprivileged
     child gets the text from the supervisor, which has already checked them
@@ -263,21 +271,16 @@ def parse(text: str, source: str = "<config>", check_files: bool = True) -> Conf
                     section, key, "unknown key", f"use one of {', '.join(sorted(KNOWN_KEYS[section]))}"
                 )
 
-    is_root = os.geteuid() == 0
-
     # [service]
     level_word = (_get(cp, "service", "log_level") or "WARNING").upper()
     if level_word not in LOG_LEVELS:
         raise ConfigError(
             "service", "log_level", f"{level_word!r} is not a log level", "use DEBUG, INFO, WARNING or ERROR"
         )
-    download_location = Path(_get(cp, "service", "download_location") or tempfile.gettempdir())
+    download_location = Path(_get(cp, "service", "download_location") or tmpdir)
     if not download_location.is_absolute():
         raise ConfigError("service", "download_location", "not an absolute path", "give an absolute directory path")
-    staging_default = (
-        Path("/var/lib/upparat/staging") if is_root else Path(tempfile.gettempdir()) / f"upparat-staging-{os.getuid()}"
-    )
-    staging_location = Path(_get(cp, "service", "staging_location") or staging_default)
+    staging_location = Path(_get(cp, "service", "staging_location") or DEFAULT_STAGING)
     if not staging_location.is_absolute():
         raise ConfigError("service", "staging_location", "not an absolute path", "give an absolute directory path")
     job_prefix = _get(cp, "service", "job_prefix") or ""
@@ -354,8 +357,7 @@ def parse(text: str, source: str = "<config>", check_files: bool = True) -> Conf
     )
 
     # [supervisor]
-    runtime_default = Path("/run/upparat") if is_root else Path(tempfile.gettempdir()) / f"upparat-run-{os.getuid()}"
-    runtime_dir = Path(_get(cp, "supervisor", "runtime_dir") or runtime_default)
+    runtime_dir = Path(_get(cp, "supervisor", "runtime_dir") or DEFAULT_RUNTIME_DIR)
     if not runtime_dir.is_absolute():
         raise ConfigError("supervisor", "runtime_dir", "not an absolute path", "give an absolute directory path")
     # ipc:// paths are limited by sun_path (108 bytes).
@@ -369,10 +371,10 @@ def parse(text: str, source: str = "<config>", check_files: bool = True) -> Conf
     return Config(service, broker, hooks, verification, supervisor)
 
 
-def load(path: str | os.PathLike) -> tuple[Config, str]:
+def load(path: str | os.PathLike, tmpdir: str = STANDALONE_TMPDIR) -> tuple[Config, str]:
     """Read and parse a config file; returns the config and its text."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("file", None, f"cannot read {path} ({exc})", "pass a readable UTF-8 INI file with -c") from None
-    return parse(text, str(path)), text
+    return parse(text, str(path), tmpdir=tmpdir), text

@@ -83,11 +83,12 @@ def privilege_problem() -> str | None:
     return None
 
 
-def encode_envelope(cfg_text: str, config_path: str, verbose: bool, thing_name: str | None,
+def encode_envelope(cfg_text: str, config_path: str, tmpdir: str, verbose: bool, thing_name: str | None,
                     files: dict[str, str], public_keys_pem: list[str]) -> bytes:
     return json.dumps({
         "config_text": cfg_text,
         "config_path": config_path,
+        "tmpdir": tmpdir,
         "verbose": verbose,
         "thing_name": thing_name,
         "files": files,
@@ -143,7 +144,7 @@ def start_child(name: str, unprivileged: bool, argv: list[str] | None = None) ->
         if args.from_supervisor:
             raw = sys.stdin.buffer.read(MAX_ENVELOPE)
             env = json.loads(raw)
-            cfg = config_mod.parse(env["config_text"], env["config_path"], check_files=False)
+            cfg = config_mod.parse(env["config_text"], env["config_path"], check_files=False, tmpdir=env["tmpdir"])
             verbose = bool(env["verbose"])
             thing_name = env["thing_name"]
             files = dict(env["files"])

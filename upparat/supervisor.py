@@ -36,6 +36,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,13 +255,15 @@ class Settings:
     cfg: config_mod.Config
     text: str
     path: str
+    tmpdir: str
     ident: Identity
     files: RootFiles
 
 
 def load_settings(path: str, thing_name: str | None) -> Settings:
     """Read and check everything; raises ConfigError. Creates the directories."""
-    cfg, text = config_mod.load(path)
+    tmpdir = tempfile.gettempdir()  # the one computed default, decided here for every child
+    cfg, text = config_mod.load(path, tmpdir)
     if thing_name:
         cfg = cfg.replace_thing_name(thing_name)
     ident = resolve_identity(cfg)
@@ -268,7 +271,7 @@ def load_settings(path: str, thing_name: str | None) -> Settings:
         check_config_owner(path)
     files = read_root_files(cfg)
     prepare_directories(cfg, ident)
-    return Settings(cfg, text, path, ident, files)
+    return Settings(cfg, text, path, tmpdir, ident, files)
 
 
 class Child:
@@ -369,7 +372,7 @@ class Supervisor:
     def envelope(self, spec: ChildSpec) -> bytes:
         s = self.settings
         return launch.encode_envelope(
-            s.text, s.path, self.verbose, self.thing_name,
+            s.text, s.path, s.tmpdir, self.verbose, self.thing_name,
             files=dict(s.files.tls) if TLS in spec.receives else {},
             public_keys_pem=list(s.files.public_keys) if PUBLIC_KEYS in spec.receives else [],
         )
@@ -463,7 +466,8 @@ class Supervisor:
         elif state is State.FATAL:
             log.error("%s%s %s: a structural fault that restarting cannot fix (see its messages above); "
                       "stopping all children", name, pid_text, how)
-            self.exit_code = codes.EXIT_FAILURE
+            # A child that finds the configuration unusable is a configuration error: exit 2.
+            self.exit_code = codes.EXIT_USAGE if returncode == codes.EXIT_USAGE else codes.EXIT_FAILURE
         elif state is State.BACKOFF:
             delay = child.machine.restart_at - self.clock()
             level = logging.WARNING if child.machine.delay < child.machine.policy.backoff_max else logging.ERROR

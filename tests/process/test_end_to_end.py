@@ -172,3 +172,22 @@ def test_signature_from_an_unknown_key_fails_and_a_good_one_installs(world_tmp):
         assert box.path("state", "install-ran").exists()
     finally:
         box.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the default runtime and staging directories are root's")
+def test_seed_style_config_with_every_default_runs_a_job_as_root(world_tmp):
+    """The config a user writes from the seed README: no [supervisor] section,
+    no download or staging location. Every child must agree on the defaults."""
+    box = Sandbox(world_tmp / "box", seed_style=True)
+    box.start()
+    try:
+        text = box.path("upparat.conf").read_text()
+        assert "[supervisor]" not in text and "download_location" not in text and "staging_location" not in text
+        path = box.add_file("fw-seed.bin", os.urandom(20_000))
+        box.create_job("job-seed", box.document("fw-seed.bin", "9.0.0"))
+        final = box.wait_for_job("job-seed", timeout=60)
+        assert final["status"] == "SUCCEEDED", box.logs()[-4000:]
+        assert sha256_of(box.path("installed", "job-seed")) == sha256_of(path)
+        assert os.path.exists("/run/upparat/installer/installer.sock")
+    finally:
+        box.stop()

@@ -332,3 +332,17 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_stop_timeout(world_tmp, mo
     assert code == 0
     assert "stubborn (pid %d) did not stop within 1 s; killing it" % pids["stubborn"] in caplog.text
     assert not pid_alive(pids["stubborn"]) and not pid_alive(pids["idle"])
+
+
+def test_a_child_that_finds_the_configuration_unusable_makes_the_supervisor_exit_2(world_tmp):
+    """A public key file that is not a key: the installer exits EXIT_USAGE;
+    the supervisor must exit 2 (systemd's RestartPreventExitStatus=2), not 1."""
+    key = world_tmp / "not-a-key.pem"
+    key.write_text("-----BEGIN PUBLIC KEY-----\nbm90IGEga2V5\n-----END PUBLIC KEY-----\n")
+    config = write_config(world_tmp, 1883, {"verification": f"public_keys = {key}"})
+    proc = start_supervisor(world_tmp, config)
+    try:
+        assert finished(proc) == 2, proc.log()
+        assert "public_keys" in proc.log()
+    finally:
+        proc.stop()

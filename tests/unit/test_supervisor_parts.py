@@ -28,7 +28,7 @@ def settings(tmp_path):
             f"keyfile = {pems['key']}\n[verification]\npublic_keys = {pems['pub']}\n")
     cfg = config_mod.parse(text)
     ident = sv.Identity(1234, 5678, "upparat", separated=True)
-    return sv.Settings(cfg, text, "/etc/upparat/upparat.conf", ident, sv.read_root_files(cfg))
+    return sv.Settings(cfg, text, "/etc/upparat/upparat.conf", "/tmp", ident, sv.read_root_files(cfg))
 
 
 def envelope_for(settings, name):

@@ -120,7 +120,7 @@ exit 0
 
 class Sandbox:
     def __init__(self, base: Path, hooks: dict[str, str | None] | None = None, config_extra: str = "",
-                 public_keys: list[Path] | None = None, job_prefix: str = ""):
+                 public_keys: list[Path] | None = None, job_prefix: str = "", seed_style: bool = False):
         self.base = Path(base)
         self.hook_bodies = dict(HOOK_SCRIPTS)
         if hooks:
@@ -128,6 +128,9 @@ class Sandbox:
         self.config_extra = config_extra
         self.public_keys = public_keys or []
         self.job_prefix = job_prefix
+        # seed_style: the config a user writes from the seed README: no [supervisor]
+        # section, no download/staging locations, so every default is used.
+        self.seed_style = seed_style
         self.procs: list[Child] = []
         self.mosquitto: Child | None = None
         self.supervisor: Child | None = None
@@ -157,11 +160,12 @@ class Sandbox:
     def write_config(self) -> Path:
         hooks = "\n".join(f"{n} = {self.path('hooks', n)}" for n, b in self.hook_bodies.items() if b is not None)
         keys = ",".join(str(k) for k in self.public_keys)
+        locations = "" if self.seed_style else (
+            f"download_location = {self.path('dl')}\nstaging_location = {self.path('staging')}\n")
+        supervisor = "" if self.seed_style else f"[supervisor]\nruntime_dir = {self.path('run')}\n"
         text = f"""[service]
 log_level = DEBUG
-download_location = {self.path('dl')}
-staging_location = {self.path('staging')}
-job_prefix = {self.job_prefix}
+{locations}job_prefix = {self.job_prefix}
 
 [broker]
 host = 127.0.0.1
@@ -179,9 +183,7 @@ version_confirm_window = 10
 [verification]
 {'public_keys = ' + keys if keys else ''}
 
-[supervisor]
-runtime_dir = {self.path('run')}
-{self.config_extra}
+{supervisor}{self.config_extra}
 """
         self.path("upparat.conf").write_text(text)
         return self.path("upparat.conf")
