@@ -14,11 +14,12 @@ import logging
 import os
 import re
 import socket
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-HOOK_NAMES = ("version", "download", "ready", "install", "restart")
+from upparat import trust
+from upparat.release import HOOK_NAMES, THING_NAME_RE
+
 LOG_LEVELS = {
     "DEBUG": logging.DEBUG,
     "INFO": logging.INFO,
@@ -29,14 +30,20 @@ LOG_LEVELS = {
     "EXCEPTION": logging.ERROR,
     "CRITICAL": logging.CRITICAL,
 }
-THING_NAME_RE = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
-JOB_PREFIX_RE = re.compile(r"^[a-zA-Z0-9_-]{0,63}$")
-# Fixed defaults, the same for every process whatever its uid or environment.
-DEFAULT_RUNTIME_DIR = Path("/run/upparat")
-DEFAULT_STAGING = Path("/var/lib/upparat/staging")
-STANDALONE_TMPDIR = "/tmp"  # a child started on its own (per-process units) computes the same
+JOB_PREFIX_RE = re.compile(r"[a-zA-Z0-9_-]{0,63}")
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+SIZE_RE = re.compile(r"(\d+)\s*([KMGT]?)i?B?", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 TRUE_WORDS = {"1", "yes", "true", "on"}
 FALSE_WORDS = {"0", "no", "false", "off"}
+
+# Fixed defaults: the same for every process that reads the config, whatever
+# its uid or environment. The one computed default (download_location: the
+# system temp directory) is decided by the supervisor, see upparat.settings.
+DEFAULT_RUNTIME_DIR = Path("/run/upparat")
+DEFAULT_STATE_LOCATION = Path("/var/lib/upparat")
+DEFAULT_STAGING = DEFAULT_STATE_LOCATION / "staging"
+DEFAULT_MAX_FILE_SIZE = 4 * 1024**3
 
 KNOWN_KEYS = {
     "service": {
@@ -45,7 +52,13 @@ KNOWN_KEYS = {
         "log_level",
         "download_location",
         "staging_location",
+        "state_location",
         "job_prefix",
+        "max_file_size",
+        "download_timeout",
+        "low_speed_limit",
+        "low_speed_time",
+        "download_rate_limit",
     },
     "broker": {
         "host",
@@ -59,8 +72,15 @@ KNOWN_KEYS = {
     },
     "hooks": set(HOOK_NAMES)
     | {"retry_interval", "max_retries", "timeout", "version_confirm_window"},
-    "verification": {"public_keys", "require_signature", "require_sha256"},
-    "supervisor": {"user", "group", "runtime_dir"},
+    "verification": {"public_keys", "allow_unsigned", "require_sha256"},
+    "supervisor": {"user", "fetcher_user", "runtime_dir"},
+}
+# Keys of earlier Upparat 2 development versions, refused with the fix.
+RETIRED_KEYS = {
+    ("verification", "require_signature"): "remove it: signatures are required unless [verification] "
+                                           "allow_unsigned = true",
+    ("supervisor", "group"): "remove it: each of [supervisor] user and fetcher_user runs with its own "
+                             "primary group",
 }
 
 
@@ -78,14 +98,15 @@ class ConfigError(Exception):
 class ServiceConfig:
     sentry: str | None
     log_level: int
-    download_location: Path  # as configured (1.x: files go into <it>/upparat)
+    download_location: Path | None  # None: the system temp dir, decided by the supervisor
     staging_location: Path
+    state_location: Path
     job_prefix: str
-
-    @property
-    def download_dir(self) -> Path:
-        """Where the fetcher writes; owned by the unprivileged user."""
-        return self.download_location / "upparat"
+    max_file_size: int
+    download_timeout: int
+    low_speed_limit: int
+    low_speed_time: int
+    download_rate_limit: int
 
 
 @dataclass(frozen=True)
@@ -121,14 +142,14 @@ class HooksConfig:
 @dataclass(frozen=True)
 class VerificationConfig:
     public_keys: tuple[Path, ...]
-    require_signature: bool
+    allow_unsigned: bool
     require_sha256: bool
 
 
 @dataclass(frozen=True)
 class SupervisorConfig:
     user: str
-    group: str
+    fetcher_user: str
     runtime_dir: Path
 
 
@@ -182,6 +203,31 @@ def _int(cp, section, key, default: int, minimum: int, maximum: int) -> int:
     return number
 
 
+def _bytes(cp, section, key, default: int, minimum: int, maximum: int) -> int:
+    """A byte count: a whole number, optionally with K, M, G or T (powers of 1024)."""
+    value = _get(cp, section, key)
+    if value is None:
+        return default
+    match = SIZE_RE.fullmatch(value)
+    if not match:
+        raise ConfigError(section, key, f"{value!r} is not a byte count",
+                          "write a whole number of bytes, optionally with K, M, G or T (e.g. 512M)")
+    number = int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+    if not minimum <= number <= maximum:
+        raise ConfigError(section, key, f"{value} is out of range", f"write a size from {minimum} to {maximum} bytes")
+    return number
+
+
+def _abs_dir(cp, section, key, default: Path | None) -> Path | None:
+    value = _get(cp, section, key)
+    if value is None:
+        return default
+    path = Path(value)
+    if not path.is_absolute():
+        raise ConfigError(section, key, f"{value!r} is not an absolute path", "give an absolute directory path")
+    return Path(os.path.normpath(path))
+
+
 def _path(cp, section, key, check_files: bool) -> Path | None:
     value = _get(cp, section, key)
     if value is None:
@@ -193,7 +239,7 @@ def _path(cp, section, key, check_files: bool) -> Path | None:
 
 
 def _check_thing_name(name: str, section: str, key: str) -> None:
-    if not THING_NAME_RE.match(name):
+    if not THING_NAME_RE.fullmatch(name):
         raise ConfigError(
             section,
             key,
@@ -211,44 +257,25 @@ def _hook(cp, key: str, check_files: bool) -> Path | None:
         raise ConfigError(
             "hooks", key, f"{value!r} is not an absolute path", "give the absolute path of an executable file"
         )
-    if check_files and (not path.is_file() or not os.access(path, os.X_OK)):
-        raise ConfigError(
-            "hooks",
-            key,
-            f"{value} is not an executable file",
-            f"create it and make it executable (chmod +x {value}), or remove the key",
-        )
-    if check_files and os.geteuid() == 0:
-        problem = _writable_by_others(path)
+    if check_files:
+        problem = trust.executable_problem(path, as_root=os.geteuid() == 0)
         if problem:
-            raise ConfigError("hooks", key, f"root runs this hook, but {problem}",
-                              "make the file and every directory above it owned by root and not writable by others "
-                              "(chown root:root; chmod go-w)")
+            raise ConfigError("hooks", key, problem,
+                              f"make {value} an executable file that only root can change: the file and every "
+                              "directory and symlink on its path owned by root and not writable by others "
+                              "(chown root:root; chmod go-w), or remove the key")
     return path
 
 
-def _writable_by_others(path: Path) -> str | None:
-    """Why someone other than root could change what ``path`` runs, or None."""
-    current = Path(os.path.realpath(path))
-    for item in [current, *current.parents]:
-        st = item.stat()
-        if st.st_uid != 0:
-            return f"{item} is owned by uid {st.st_uid}"
-        sticky_dir = item != current and st.st_mode & stat.S_ISVTX
-        if st.st_mode & stat.S_IWOTH and not sticky_dir:
-            return f"{item} is writable by everyone"
-        if st.st_mode & stat.S_IWGRP and st.st_gid != 0 and not sticky_dir:
-            return f"{item} is writable by group {st.st_gid}"
-    return None
+def _user(cp, key: str, default: str) -> str:
+    name = _get(cp, "supervisor", key) or default
+    if not USER_RE.fullmatch(name):
+        raise ConfigError("supervisor", key, f"{name!r} is not a user name", "give the name of a system user")
+    return name
 
 
-def parse(text: str, source: str = "<config>", check_files: bool = True, tmpdir: str = STANDALONE_TMPDIR) -> Config:
+def parse(text: str, source: str = "<config>", check_files: bool = True) -> Config:
     """Parse and validate configuration text. Raises ConfigError.
-
-    ``tmpdir`` is the one computed default: the system temp directory used
-    when ``[service] download_location`` is not set (upparat 1.x). The
-    supervisor looks it up once and hands the same value to every child;
-    every other default is fixed, whoever reads the config.
 
     ``check_files=False`` skips the checks that files exist: an unprivileged
     child gets the text from the supervisor, which has already checked them
@@ -266,6 +293,8 @@ def parse(text: str, source: str = "<config>", check_files: bool = True, tmpdir:
                 section, None, "unknown section", f"use only {', '.join(sorted(KNOWN_KEYS))}"
             )
         for key in cp.options(section):
+            if (section, key) in RETIRED_KEYS:
+                raise ConfigError(section, key, "is no longer a setting", RETIRED_KEYS[(section, key)])
             if key not in KNOWN_KEYS[section]:
                 raise ConfigError(
                     section, key, "unknown key", f"use one of {', '.join(sorted(KNOWN_KEYS[section]))}"
@@ -277,14 +306,11 @@ def parse(text: str, source: str = "<config>", check_files: bool = True, tmpdir:
         raise ConfigError(
             "service", "log_level", f"{level_word!r} is not a log level", "use DEBUG, INFO, WARNING or ERROR"
         )
-    download_location = Path(_get(cp, "service", "download_location") or tmpdir)
-    if not download_location.is_absolute():
-        raise ConfigError("service", "download_location", "not an absolute path", "give an absolute directory path")
-    staging_location = Path(_get(cp, "service", "staging_location") or DEFAULT_STAGING)
-    if not staging_location.is_absolute():
-        raise ConfigError("service", "staging_location", "not an absolute path", "give an absolute directory path")
+    download_location = _abs_dir(cp, "service", "download_location", None)
+    state_location = _abs_dir(cp, "service", "state_location", DEFAULT_STATE_LOCATION)
+    staging_location = _abs_dir(cp, "service", "staging_location", state_location / "staging")
     job_prefix = _get(cp, "service", "job_prefix") or ""
-    if not JOB_PREFIX_RE.match(job_prefix):
+    if not JOB_PREFIX_RE.fullmatch(job_prefix):
         raise ConfigError(
             "service", "job_prefix", f"{job_prefix!r} can never match an AWS job id", "use characters a-z A-Z 0-9 _ -"
         )
@@ -294,12 +320,14 @@ def parse(text: str, source: str = "<config>", check_files: bool = True, tmpdir:
         log_level=LOG_LEVELS[level_word],
         download_location=download_location,
         staging_location=staging_location,
+        state_location=state_location,
         job_prefix=job_prefix,
+        max_file_size=_bytes(cp, "service", "max_file_size", DEFAULT_MAX_FILE_SIZE, 1, 2**63 - 1),
+        download_timeout=_int(cp, "service", "download_timeout", 86400, 10, 30 * 86400),
+        low_speed_limit=_bytes(cp, "service", "low_speed_limit", 1, 0, 2**40),
+        low_speed_time=_int(cp, "service", "low_speed_time", 30, 1, 86400),
+        download_rate_limit=_bytes(cp, "service", "download_rate_limit", 0, 0, 2**40),
     )
-    if staging_location == service.download_dir or service.download_dir in staging_location.parents:
-        raise ConfigError(
-            "service", "staging_location", "lies inside the download directory", "choose a root-only directory elsewhere"
-        )
 
     # [broker]
     thing_name = _get(cp, "broker", "thing_name") or socket.gethostname()
@@ -342,39 +370,37 @@ def parse(text: str, source: str = "<config>", check_files: bool = True, tmpdir:
                 "verification", "public_keys", f"{item} does not exist", "list existing PEM files, comma-separated"
             )
         public_keys.append(key_path)
-    require_signature = _bool(cp, "verification", "require_signature", bool(public_keys))
-    if require_signature and not public_keys:
-        raise ConfigError(
-            "verification",
-            "require_signature",
-            "a signature is required but no public_keys are configured",
-            "set [verification] public_keys, or require_signature = false",
-        )
+    allow_unsigned = _bool(cp, "verification", "allow_unsigned", False)
+    require_sha256 = _bool(cp, "verification", "require_sha256", True)
+    if not require_sha256 and not allow_unsigned:
+        raise ConfigError("verification", "require_sha256",
+                          "false is only possible for unsigned updates (a signature covers the sha256)",
+                          "set require_sha256 = true, or also allow_unsigned = true")
     verification = VerificationConfig(
         public_keys=tuple(public_keys),
-        require_signature=require_signature,
-        require_sha256=_bool(cp, "verification", "require_sha256", True),
+        allow_unsigned=allow_unsigned,
+        require_sha256=require_sha256,
     )
 
     # [supervisor]
-    runtime_dir = Path(_get(cp, "supervisor", "runtime_dir") or DEFAULT_RUNTIME_DIR)
-    if not runtime_dir.is_absolute():
-        raise ConfigError("supervisor", "runtime_dir", "not an absolute path", "give an absolute directory path")
+    runtime_dir = _abs_dir(cp, "supervisor", "runtime_dir", DEFAULT_RUNTIME_DIR)
     # ipc:// paths are limited by sun_path (108 bytes).
     if len(str(runtime_dir)) > 70:
         raise ConfigError("supervisor", "runtime_dir", "path too long for unix sockets", "use a path under 70 characters")
-    supervisor = SupervisorConfig(
-        user=_get(cp, "supervisor", "user") or "upparat",
-        group=_get(cp, "supervisor", "group") or _get(cp, "supervisor", "user") or "upparat",
-        runtime_dir=runtime_dir,
-    )
+    user = _user(cp, "user", "upparat")
+    fetcher_user = _user(cp, "fetcher_user", "upparat-fetch")
+    if user == fetcher_user:
+        raise ConfigError("supervisor", "fetcher_user", f"is the same user as [supervisor] user ({user!r})",
+                          "give the download process a user of its own (default upparat-fetch), so that a "
+                          "compromised MQTT process cannot read or speak for it")
+    supervisor = SupervisorConfig(user=user, fetcher_user=fetcher_user, runtime_dir=runtime_dir)
     return Config(service, broker, hooks, verification, supervisor)
 
 
-def load(path: str | os.PathLike, tmpdir: str = STANDALONE_TMPDIR) -> tuple[Config, str]:
+def load(path: str | os.PathLike) -> tuple[Config, str]:
     """Read and parse a config file; returns the config and its text."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("file", None, f"cannot read {path} ({exc})", "pass a readable UTF-8 INI file with -c") from None
-    return parse(text, str(path), tmpdir=tmpdir), text
+    return parse(text, str(path)), text

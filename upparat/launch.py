@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import logging
 import os
 import signal
@@ -28,33 +27,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from upparat import codes, config as config_mod
+from upparat.ipc.settings import (
+    MAX_ENVELOPE,
+    STANDALONE_TMPDIR,
+    ChildSettings,
+    Identities,
+    Layout,
+    resolve_identities,
+    resolve_layout,
+)
 
 PR_SET_NO_NEW_PRIVS = 38
-MAX_ENVELOPE = 4 * 1024 * 1024
+PR_SET_DUMPABLE = 4
 
 
 @dataclass
 class ChildContext:
     name: str
     config: config_mod.Config
+    layout: Layout
+    ids: Identities
     verbose: bool
-    files: dict[str, str] = field(default_factory=dict)  # cafile/certfile/keyfile PEM text
-    public_keys_pem: list[str] = field(default_factory=list)
+    tls: dict[str, str] = field(default_factory=dict)  # cafile/certfile/keyfile PEM text
+    public_keys_pem: tuple[str, ...] = ()
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-def fetcher_endpoint(cfg: config_mod.Config) -> str:
-    return f"ipc://{cfg.supervisor.runtime_dir / 'fetcher' / 'fetcher.sock'}"
-
-
-def installer_endpoint(cfg: config_mod.Config) -> str:
-    return f"ipc://{cfg.supervisor.runtime_dir / 'installer' / 'installer.sock'}"
+def _prctl(option: int, value: int, what: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({what}) failed")
 
 
 def set_no_new_privs() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+    _prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
+
+
+def set_not_dumpable() -> None:
+    """No core dumps and no /proc/PID/mem or ptrace access by the same uid."""
+    _prctl(PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
 
 
 def proc_status() -> dict[str, str]:
@@ -83,19 +94,6 @@ def privilege_problem() -> str | None:
     return None
 
 
-def encode_envelope(cfg_text: str, config_path: str, tmpdir: str, verbose: bool, thing_name: str | None,
-                    files: dict[str, str], public_keys_pem: list[str]) -> bytes:
-    return json.dumps({
-        "config_text": cfg_text,
-        "config_path": config_path,
-        "tmpdir": tmpdir,
-        "verbose": verbose,
-        "thing_name": thing_name,
-        "files": files,
-        "public_keys_pem": public_keys_pem,
-    }).encode("utf-8")
-
-
 def setup_logging(name: str, level: int) -> None:
     logging.basicConfig(
         stream=sys.stderr,
@@ -116,11 +114,45 @@ def init_sentry(cfg: config_mod.Config, name: str) -> None:
     sentry_sdk.init(cfg.service.sentry, server_name=f"upparat-{name}")
 
 
+def standalone_settings(name: str, config_path: str, verbose: bool, thing_name: str | None) -> ChildSettings:
+    """What the supervisor would have sent, computed the same way (per-process
+    systemd units): the same functions, fixed inputs, never this process's
+    uid or environment for a path."""
+    cfg, text = config_mod.load(config_path)
+    if thing_name:
+        cfg = cfg.replace_thing_name(thing_name)
+    layout = resolve_layout(cfg, STANDALONE_TMPDIR)
+    uid = os.getuid()
+    try:
+        ids = resolve_identities(cfg, True, 0, 0, "root")
+    except config_mod.ConfigError:
+        if uid == 0:
+            raise
+        ids = None
+    if ids is None or (uid != 0 and uid not in (ids.broker_uid, ids.fetcher_uid)):
+        # A development run by hand, as a user that is neither of the configured ones.
+        import pwd
+        try:
+            me = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            me = str(uid)
+        ids = resolve_identities(cfg, False, uid, os.getgid(), me)
+    tls = {}
+    keys: tuple[str, ...] = ()
+    if name == "broker":
+        tls = {k: Path(p).read_text() for k in ("cafile", "certfile", "keyfile") if (p := getattr(cfg.broker, k))}
+    if name in ("fetcher", "installer"):
+        keys = tuple(p.read_text() for p in cfg.verification.public_keys)
+    return ChildSettings(role=name, config_text=text, config_path=config_path, verbose=verbose,
+                         thing_name=thing_name, layout=layout, ids=ids, tls=tls, public_keys_pem=keys)
+
+
 def start_child(name: str, unprivileged: bool, argv: list[str] | None = None) -> ChildContext:
     """Everything a child does before its own work; exits on any problem."""
     if unprivileged:
         try:
             set_no_new_privs()
+            set_not_dumpable()
         except OSError as exc:
             print(f"upparat-{name}: {exc}", file=sys.stderr)
             sys.exit(codes.EXIT_UNSAFE)
@@ -138,27 +170,21 @@ def start_child(name: str, unprivileged: bool, argv: list[str] | None = None) ->
     parser.add_argument("-t", "--thing-name")
     args = parser.parse_args(argv)
 
-    files: dict[str, str] = {}
-    public_keys_pem: list[str] = []
     try:
         if args.from_supervisor:
-            raw = sys.stdin.buffer.read(MAX_ENVELOPE)
-            env = json.loads(raw)
-            cfg = config_mod.parse(env["config_text"], env["config_path"], check_files=False, tmpdir=env["tmpdir"])
-            verbose = bool(env["verbose"])
-            thing_name = env["thing_name"]
-            files = dict(env["files"])
-            public_keys_pem = list(env["public_keys_pem"])
+            settings = ChildSettings.decode(sys.stdin.buffer.read(MAX_ENVELOPE + 1))
+            if settings.role != name:
+                raise ValueError(f"settings are for {settings.role}, not {name}")
+            cfg = config_mod.parse(settings.config_text, settings.config_path, check_files=False)
+            if settings.thing_name:
+                cfg = cfg.replace_thing_name(settings.thing_name)
         elif args.config_file:
-            cfg, _ = config_mod.load(args.config_file)
-            verbose, thing_name = args.verbose, args.thing_name
-            files = {k: Path(p).read_text() for k in ("cafile", "certfile", "keyfile")
-                     if (p := getattr(cfg.broker, k))}
-            public_keys_pem = [p.read_text() for p in cfg.verification.public_keys]
+            settings = standalone_settings(name, args.config_file, args.verbose, args.thing_name)
+            cfg = config_mod.parse(settings.config_text, settings.config_path, check_files=False)
+            if settings.thing_name:
+                cfg = cfg.replace_thing_name(settings.thing_name)
         else:
             parser.error("give -c CONFIG or --from-supervisor")
-        if thing_name:
-            cfg = cfg.replace_thing_name(thing_name)
     except config_mod.ConfigError as exc:
         print(f"upparat-{name}: configuration error: {exc}", file=sys.stderr)
         sys.exit(codes.EXIT_USAGE)
@@ -166,9 +192,11 @@ def start_child(name: str, unprivileged: bool, argv: list[str] | None = None) ->
         print(f"upparat-{name}: cannot read settings: {exc}", file=sys.stderr)
         sys.exit(codes.EXIT_USAGE)
 
-    setup_logging(name, logging.DEBUG if verbose else cfg.service.log_level)
-    init_sentry(cfg, name)
-    ctx = ChildContext(name=name, config=cfg, verbose=verbose, files=files, public_keys_pem=public_keys_pem)
+    setup_logging(name, logging.DEBUG if settings.verbose else cfg.service.log_level)
+    if unprivileged:
+        init_sentry(cfg, name)
+    ctx = ChildContext(name=name, config=cfg, layout=settings.layout, ids=settings.ids, verbose=settings.verbose,
+                       tls=dict(settings.tls), public_keys_pem=tuple(settings.public_keys_pem))
 
     def _stop(signum, _frame):  # only sets a flag; the main loop acts
         ctx.stop.set()

@@ -41,13 +41,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from upparat import codes, config as config_mod, launch
+from upparat import codes, config as config_mod, launch, trust
+from upparat.ipc.settings import ChildSettings, Identities, Layout, resolve_identities, resolve_layout
 from upparat.supervision import ChildMachine, Policy, State
 
 log = logging.getLogger("upparat.supervisor")
 
 ROOT = "root"
-UNPRIVILEGED = "unprivileged"
+BROKER_USER = "broker user"  # [supervisor] user
+FETCHER_USER = "fetcher user"  # [supervisor] fetcher_user
 TLS = "tls"  # [broker] cafile, certfile, keyfile as PEM text
 PUBLIC_KEYS = "public_keys"  # [verification] public_keys as PEM text
 
@@ -61,14 +63,14 @@ class ChildSpec:
 
 
 # The children, in start order (Postfix master.cf style). The installer
-# comes first so that its socket exists when the others connect; it may
-# also read the public keys itself, as root, to re-verify.
+# comes first so that its socket exists when the others connect; it reads
+# the public keys to re-verify every release itself.
 #
 #         name         module                    runs as        receives
 CHILDREN = (
     ChildSpec("installer", "upparat.installer_proc", ROOT, (PUBLIC_KEYS,)),
-    ChildSpec("fetcher", "upparat.fetcher_proc", UNPRIVILEGED, (PUBLIC_KEYS,)),
-    ChildSpec("broker", "upparat.broker_proc", UNPRIVILEGED, (TLS,)),
+    ChildSpec("fetcher", "upparat.fetcher_proc", FETCHER_USER, (PUBLIC_KEYS,)),
+    ChildSpec("broker", "upparat.broker_proc", BROKER_USER, (TLS,)),
 )
 
 POLICY = Policy(running_after=5.0, backoff_initial=0.5, backoff_factor=2.0, backoff_max=30.0)
@@ -77,66 +79,28 @@ KILL_WAIT = 5.0  # seconds to wait for a SIGKILLed child to be reaped
 ENVELOPE_TIMEOUT = 10.0  # a child that does not read its settings by then is killed
 MAX_POLL = 1.0  # the main loop also looks at its children at least this often
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DEFAULT_USER_FIX = "create it (useradd --system --no-create-home upparat) or set [supervisor] user"
-DEFAULT_GROUP_FIX = "create it (groupadd --system upparat) or set [supervisor] group"
 
 
 # -- identity, files, directories (run once per (re)load, before any child) --
 
 
-@dataclass(frozen=True)
-class Identity:
-    """Who the unprivileged children run as, and who owns root's directories."""
-
-    uid: int
-    gid: int
-    name: str
-    separated: bool  # False: not started as root, everything runs as uid/gid
-
-    @property
-    def root_uid(self) -> int:
-        return 0 if self.separated else self.uid
-
-    @property
-    def root_gid(self) -> int:
-        return 0 if self.separated else self.gid
-
-
-def resolve_identity(cfg: config_mod.Config) -> Identity:
-    if os.geteuid() != 0:
-        uid, gid = os.getuid(), os.getgid()
-        try:
-            name = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            name = str(uid)
-        return Identity(uid, gid, name, separated=False)
-    user, group = cfg.supervisor.user, cfg.supervisor.group
+def current_identities(cfg: config_mod.Config) -> Identities:
+    uid = os.getuid()
     try:
-        uid = pwd.getpwnam(user).pw_uid
+        name = pwd.getpwuid(uid).pw_name
     except KeyError:
-        raise config_mod.ConfigError("supervisor", "user", f"no such user {user!r}", DEFAULT_USER_FIX) from None
-    try:
-        gid = grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise config_mod.ConfigError("supervisor", "group", f"no such group {group!r}", DEFAULT_GROUP_FIX) from None
-    if uid == 0:
-        raise config_mod.ConfigError("supervisor", "user", f"{user!r} has uid 0", "name an unprivileged system user")
-    if gid == 0:
-        raise config_mod.ConfigError("supervisor", "group", f"{group!r} has gid 0", "name an unprivileged group")
-    return Identity(uid, gid, user, separated=True)
+        name = str(uid)
+    return resolve_identities(cfg, os.geteuid() == 0, uid, os.getgid(), name)
 
 
 def check_config_owner(path: str) -> None:
     """As root, the config names the commands root runs: only root may change it."""
-    st = os.stat(path)
-    if st.st_uid != 0:
+    problem = trust.root_controlled(os.path.abspath(path))
+    if problem:
         raise config_mod.ConfigError(
-            "file", None, f"{path} is owned by uid {st.st_uid}, and it names the commands root runs",
-            f"chown root:root {path}")
-    if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != 0):
-        raise config_mod.ConfigError(
-            "file", None, f"{path} is writable by others, and it names the commands root runs",
-            f"chmod go-w {path}")
+            "file", None, f"{problem}, and {path} names the commands root runs",
+            f"make {path} and every directory above it owned by root and not writable by others "
+            f"(chown root:root {path}; chmod go-w {path})")
 
 
 @dataclass(frozen=True)
@@ -144,7 +108,7 @@ class RootFiles:
     """Contents of root-only files, read by the supervisor for its children."""
 
     tls: dict[str, str] = field(default_factory=dict)
-    public_keys: list[str] = field(default_factory=list)
+    public_keys: tuple[str, ...] = ()
 
 
 def read_root_files(cfg: config_mod.Config) -> RootFiles:
@@ -153,7 +117,7 @@ def read_root_files(cfg: config_mod.Config) -> RootFiles:
         path = getattr(cfg.broker, key)
         if path is not None:
             tls[key] = _read_text("broker", key, path)
-    keys = [_read_text("verification", "public_keys", p) for p in cfg.verification.public_keys]
+    keys = tuple(_read_text("verification", "public_keys", p) for p in cfg.verification.public_keys)
     return RootFiles(tls=tls, public_keys=keys)
 
 
@@ -172,13 +136,20 @@ def prepare_dir(path: Path, uid: int, gid: int, mode: int, section: str, key: st
     in its place is refused rather than followed, and what we chown is what
     we checked.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    parent_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parent_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise config_mod.ConfigError(section, key, f"cannot create {path.parent} ({exc.strerror})",
+                                     "choose a directory this user may create, or run as root") from None
     try:
         try:
             os.mkdir(path.name, 0o700, dir_fd=parent_fd)
         except FileExistsError:
             pass
+        except OSError as exc:
+            raise config_mod.ConfigError(section, key, f"cannot create {path} ({exc.strerror})",
+                                         "choose a directory this user may create, or run as root") from None
         st = os.lstat(path.name, dir_fd=parent_fd)
         if stat.S_ISLNK(st.st_mode):
             raise config_mod.ConfigError(section, key, f"{path} is a symbolic link",
@@ -193,22 +164,29 @@ def prepare_dir(path: Path, uid: int, gid: int, mode: int, section: str, key: st
             raise config_mod.ConfigError(section, key, f"cannot open {path} ({exc})",
                                          "remove it; Upparat creates this directory itself") from None
         try:
-            os.fchown(fd, uid, gid)
+            if (st.st_uid, st.st_gid) != (uid, gid):
+                os.fchown(fd, uid, gid)
             os.fchmod(fd, mode)
+        except OSError as exc:
+            raise config_mod.ConfigError(section, key, f"cannot set owner and mode of {path} ({exc.strerror})",
+                                         "run as root, or choose a directory of this user") from None
         finally:
             os.close(fd)
     finally:
         os.close(parent_fd)
 
 
-def prepare_directories(cfg: config_mod.Config, ident: Identity) -> None:
-    runtime = cfg.supervisor.runtime_dir
+def prepare_directories(layout: Layout, ids: Identities) -> None:
+    """Create every directory with its owner and mode (see upparat.ipc.settings)."""
+    root_uid, root_gid = (0, 0) if ids.separated else (ids.broker_uid, ids.broker_gid)
     rt = ("supervisor", "runtime_dir")
-    prepare_dir(runtime, ident.root_uid, ident.root_gid, 0o755, *rt)
-    prepare_dir(runtime / "fetcher", ident.uid, ident.gid, 0o700, *rt)
-    prepare_dir(runtime / "installer", ident.root_uid, ident.gid, 0o750, *rt)
+    prepare_dir(layout.runtime_dir, root_uid, root_gid, 0o755, *rt)
+    prepare_dir(layout.runtime_dir / "installer", root_uid, ids.broker_gid, 0o750, *rt)
+    # setgid: the fetcher's socket is born with the broker's group.
+    prepare_dir(layout.runtime_dir / "fetcher", ids.fetcher_uid, ids.broker_gid, 0o2750, *rt)
+    prepare_dir(layout.runtime_dir / "control", root_uid, ids.broker_gid, 0o750, *rt)
 
-    location = cfg.service.download_location  # may be /tmp: create, never chown
+    location = layout.download_dir.parent  # may be /tmp: create, never chown
     try:
         location.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -217,9 +195,12 @@ def prepare_directories(cfg: config_mod.Config, ident: Identity) -> None:
     if not location.is_dir():
         raise config_mod.ConfigError("service", "download_location", f"{location} is not a directory",
                                      "give a directory path")
-    prepare_dir(cfg.service.download_dir, ident.uid, ident.gid, 0o750, "service", "download_location")
-    prepare_dir(cfg.service.staging_location, ident.root_uid, ident.root_gid, 0o700,
-                "service", "staging_location")
+    prepare_dir(layout.download_dir, ids.fetcher_uid, ids.fetcher_gid, 0o700, "service", "download_location")
+    prepare_dir(layout.staging_dir, root_uid, root_gid, 0o700, "service", "staging_location")
+    state = ("service", "state_location")
+    prepare_dir(layout.broker_state_dir.parent, root_uid, root_gid, 0o755, *state)
+    prepare_dir(layout.broker_state_dir, ids.broker_uid, ids.broker_gid, 0o700, *state)
+    prepare_dir(layout.fetcher_state_dir, ids.fetcher_uid, ids.fetcher_gid, 0o700, *state)
 
 
 # -- systemd readiness -----------------------------------------------------------
@@ -255,23 +236,23 @@ class Settings:
     cfg: config_mod.Config
     text: str
     path: str
-    tmpdir: str
-    ident: Identity
+    layout: Layout
+    ids: Identities
     files: RootFiles
 
 
 def load_settings(path: str, thing_name: str | None) -> Settings:
     """Read and check everything; raises ConfigError. Creates the directories."""
-    tmpdir = tempfile.gettempdir()  # the one computed default, decided here for every child
-    cfg, text = config_mod.load(path, tmpdir)
+    cfg, text = config_mod.load(path)
     if thing_name:
         cfg = cfg.replace_thing_name(thing_name)
-    ident = resolve_identity(cfg)
-    if ident.separated:
+    ids = current_identities(cfg)
+    if ids.separated:
         check_config_owner(path)
+    layout = resolve_layout(cfg, tempfile.gettempdir())  # the one place the temp dir is looked up
     files = read_root_files(cfg)
-    prepare_directories(cfg, ident)
-    return Settings(cfg, text, path, tmpdir, ident, files)
+    prepare_directories(layout, ids)
+    return Settings(cfg, text, path, layout, ids, files)
 
 
 class Child:
@@ -371,25 +352,34 @@ class Supervisor:
 
     def envelope(self, spec: ChildSpec) -> bytes:
         s = self.settings
-        return launch.encode_envelope(
-            s.text, s.path, s.tmpdir, self.verbose, self.thing_name,
-            files=dict(s.files.tls) if TLS in spec.receives else {},
-            public_keys_pem=list(s.files.public_keys) if PUBLIC_KEYS in spec.receives else [],
-        )
+        return ChildSettings(
+            role=spec.name, config_text=s.text, config_path=s.path, verbose=self.verbose,
+            thing_name=self.thing_name, layout=s.layout, ids=s.ids,
+            tls=dict(s.files.tls) if TLS in spec.receives else {},
+            public_keys_pem=s.files.public_keys if PUBLIC_KEYS in spec.receives else (),
+        ).encode()
+
+    def drop_to(self, spec: ChildSpec) -> tuple[str, int, int] | None:
+        """(user, uid, gid) the child runs as, or None to keep ours."""
+        ids = self.settings.ids
+        if not ids.separated or spec.runs_as == ROOT:
+            return None
+        if spec.runs_as == BROKER_USER:
+            return ids.broker_user, ids.broker_uid, ids.broker_gid
+        return ids.fetcher_user, ids.fetcher_uid, ids.fetcher_gid
 
     def spawn(self, child: Child) -> None:
-        spec, ident = child.spec, self.settings.ident
+        spec = child.spec
         argv = [child_interpreter(), "-m", spec.module, "--from-supervisor"]
-        drop = {}
-        if spec.runs_as == UNPRIVILEGED and ident.separated:
-            # extra_groups=[]: user= alone keeps root's supplementary groups.
-            drop = {"user": ident.uid, "group": ident.gid, "extra_groups": []}
+        target = self.drop_to(spec)
+        # extra_groups=[]: user= alone keeps root's supplementary groups.
+        drop = {"user": target[1], "group": target[2], "extra_groups": []} if target else {}
         now = self.clock()
         try:
             popen = subprocess.Popen(argv, stdin=subprocess.PIPE, cwd="/", close_fds=True,
                                      env=self.child_env(), **drop)
         except (PermissionError, FileNotFoundError) as exc:
-            who = f"user {ident.name}" if drop else "this user"
+            who = f"user {target[0]}" if target else "this user"
             log.error("cannot start %s: %s. Fix: the interpreter %s (%s) and the upparat package must be "
                       "readable and executable by %s, also every directory above them (a Python "
                       "installed under /root, mode 0700, is not)",
@@ -406,7 +396,7 @@ class Supervisor:
         child.popen = popen
         child.machine.spawned(now)
         log.info("started %s (pid %d, %s%s)", spec.name, popen.pid, spec.module,
-                 f", uid {ident.uid} gid {ident.gid}" if drop else f", uid {os.getuid()}")
+                 f", user {target[0]} uid {target[1]} gid {target[2]}" if target else f", uid {os.getuid()}")
         if not self._write_envelope(child, self.envelope(spec)):
             self._kill(child)
 
@@ -616,16 +606,14 @@ def main(argv: list[str] | None = None) -> int:
         return codes.EXIT_FAILURE
     if not args.verbose:
         logging.getLogger().setLevel(settings.cfg.service.log_level)
-    launch.init_sentry(settings.cfg, "supervisor")
-
-    ident = settings.ident
-    if ident.separated:
-        log.info("children run as root (installer) and %s uid %d gid %d (broker, fetcher)",
-                 ident.name, ident.uid, ident.gid)
+    ids = settings.ids
+    if ids.separated:
+        log.info("children run as root (installer), %s uid %d gid %d (broker) and %s uid %d gid %d (fetcher)",
+                 ids.broker_user, ids.broker_uid, ids.broker_gid, ids.fetcher_user, ids.fetcher_uid, ids.fetcher_gid)
     else:
         log.warning("privilege separation is OFF: not started as root, so every child runs as %s "
                     "(uid %d). Start upparat-supervisor as root to run the broker and fetcher "
-                    "unprivileged and the installer as root.", ident.name, ident.uid)
+                    "unprivileged and the installer as root.", ids.broker_user, ids.broker_uid)
     try:
         return Supervisor(settings, args.verbose, args.thing_name).run()
     except Exception:  # noqa: BLE001

@@ -1,118 +1,96 @@
-"""File verification shared by the fetcher (first check) and the installer
-(the check that counts): size, sha256 and the detached signature of
-DESIGN.md 4.4 over ``upparat-signature-v1`` / version / sha256 / size.
+"""What may be installed: the verification policy shared by the fetcher (the
+first check, while it downloads) and the installer (the check that counts,
+with its own keys, on its own read of the bytes).
+
+Two questions, asked separately:
+- ``release_failure``: may this release be installed at all? Its signed
+  statement must verify with a configured key, unless the configuration opts
+  in to unsigned updates (``[verification] allow_unsigned``); a document that
+  carries a signature must verify in any case.
+- ``bytes_failure``: are these the bytes the release promises (size, sha256)?
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import os
 from dataclasses import dataclass
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from upparat import signature
+from upparat.release import Release
 
 CHUNK = 1024 * 1024
 
+VERIFICATION_FAILED = "verification_failed"
+INVALID_JOB_DOCUMENT = "invalid_job_document"
 
-class UnusableKey(Exception):
-    """A configured public key cannot be used."""
+NO_KEYS = ("this device has no [verification] public_keys, so it cannot check the job's signature, and "
+           "unsigned updates are refused by default. Fix: sign the release (upparat-jobs sign) and set "
+           "[verification] public_keys, or accept unsigned updates with [verification] allow_unsigned = true "
+           "(then whoever controls the job document chooses what root installs)")
 
 
 @dataclass(frozen=True)
-class Expected:
-    """What the job document promises about the file."""
-
-    version: str
-    sha256: str | None
-    size: int | None
-    signature: str | None
+class Policy:
+    allow_unsigned: bool = False
+    require_sha256: bool = True
 
 
-def signed_bytes(version: str, sha256: str, size: int) -> bytes:
-    if "\n" in version or "\r" in version:
-        raise ValueError("version contains a line break")
-    return f"upparat-signature-v1\nversion={version}\nsha256={sha256}\nsize={size}\n".encode("utf-8")
+@dataclass(frozen=True)
+class Failure:
+    state: str  # a job statusDetails.state (verification_failed, invalid_job_document)
+    message: str
 
 
-def load_public_key(pem: bytes):
-    """An Ed25519 or ECDSA P-256 public key from a PEM public key or certificate."""
-    try:
-        if b"CERTIFICATE" in pem:
-            key = x509.load_pem_x509_certificate(pem).public_key()
-        else:
-            key = serialization.load_pem_public_key(pem)
-    except ValueError as exc:
-        raise UnusableKey(f"not a PEM public key or certificate ({exc})") from None
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return key
-    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
-        return key
-    raise UnusableKey("only Ed25519 and ECDSA P-256 keys are accepted")
+def release_failure(release: Release, keys: list, policy: Policy) -> Failure | None:
+    """None when the release may be installed (by its statement); else why not."""
+    problem = release.problem()
+    if problem:
+        return Failure(INVALID_JOB_DOCUMENT, problem)
+    if release.sha256 is None and policy.require_sha256:
+        return Failure(INVALID_JOB_DOCUMENT, "the job document has no sha256 and [verification] require_sha256 "
+                                             "is on (it can only be turned off with allow_unsigned = true)")
+    if release.signature is not None:
+        if not keys:
+            return Failure(VERIFICATION_FAILED, "the job is signed but this device has no [verification] "
+                                                "public_keys to check the signature; configure the release key")
+        if not signature.verifies(keys, release):
+            return Failure(VERIFICATION_FAILED, "the signature does not verify with any configured public key "
+                                                "(statement v2 over version, sha256, size, force, meta, serial)")
+        return None
+    if policy.allow_unsigned:
+        return None
+    if not keys:
+        return Failure(VERIFICATION_FAILED, NO_KEYS)
+    return Failure(VERIFICATION_FAILED, "the job document has no signature; this device requires signed "
+                                        "updates (sign it with upparat-jobs sign, or set [verification] "
+                                        "allow_unsigned = true)")
 
 
-def signature_ok(keys, version: str, sha256: str, size: int, signature_b64: str) -> bool:
-    """True when any one of ``keys`` verifies the signature (key rotation)."""
-    try:
-        signature = base64.b64decode(signature_b64, validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    message = signed_bytes(version, sha256, size)
-    for key in keys:
-        try:
-            if isinstance(key, ed25519.Ed25519PublicKey):
-                key.verify(signature, message)
-            else:
-                key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
-            return True
-        except InvalidSignature:
-            continue
-    return False
+def is_signed(release: Release, keys: list) -> bool:
+    """The release carries a signature that one of ``keys`` verifies."""
+    return release.signature is not None and signature.verifies(keys, release)
 
 
-def sign(private_key, version: str, sha256: str, size: int) -> str:
-    """Sign for a job document (used by the demo and the tests; devices only verify)."""
-    message = signed_bytes(version, sha256, size)
-    if isinstance(private_key, ed25519.Ed25519PrivateKey):
-        raw = private_key.sign(message)
-    else:
-        raw = private_key.sign(message, ec.ECDSA(hashes.SHA256()))
-    return base64.b64encode(raw).decode("ascii")
+def bytes_failure(release: Release, sha256: str, size: int) -> str | None:
+    """None when the bytes match the release; else a reason a person can act on."""
+    if release.size is not None and size != release.size:
+        return f"size is {size} bytes, the job document says {release.size}"
+    if release.sha256 is not None and sha256 != release.sha256:
+        return f"sha256 is {sha256}, the job document says {release.sha256}"
+    return None
 
 
-def hash_fd(fd: int) -> tuple[str, int]:
+def hash_fd(fd: int, chunk: int = CHUNK) -> tuple[str, int]:
     """sha256 hex and byte count of an open file, read from its start."""
     digest = hashlib.sha256()
     size = 0
-    offset = 0
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
     while True:
-        chunk = os.pread(fd, CHUNK, offset)
-        if not chunk:
+        n = os.preadv(fd, [buffer], size)
+        if n <= 0:
             break
-        digest.update(chunk)
-        size += len(chunk)
-        offset += len(chunk)
+        digest.update(view[:n])
+        size += n
     return digest.hexdigest(), size
-
-
-def check(expected: Expected, sha256: str, size: int, keys, require_signature: bool) -> str | None:
-    """None when the file matches; otherwise a reason a person can act on."""
-    if expected.size is not None and size != expected.size:
-        return f"size is {size} bytes, the job document says {expected.size}"
-    if expected.sha256 is not None and sha256 != expected.sha256:
-        return f"sha256 is {sha256}, the job document says {expected.sha256}"
-    if expected.signature is None:
-        if require_signature:
-            return "the job document has no signature and [verification] require_signature is on"
-        return None
-    if not keys:
-        if require_signature:
-            return "no public keys configured to check the signature"
-        return None
-    if not signature_ok(keys, expected.version, sha256, size, expected.signature):
-        return "signature does not verify with any configured public key"
-    return None
