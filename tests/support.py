@@ -121,3 +121,49 @@ def pid_alive(pid: int) -> bool:
         return not proc_status(pid).get("State", "").startswith("Z")
     except FileNotFoundError:
         return False
+
+
+# -- one child on its own, as the supervisor would start it --------------------
+
+def identities(am_root: bool | None = None):
+    """The two unprivileged users as root (created by scripts/bootstrap), else this user for all."""
+    import pwd
+
+    from upparat import config
+    from upparat.ipc.settings import resolve_identities
+
+    am_root = os.geteuid() == 0 if am_root is None else am_root
+    cfg = config.parse("", check_files=False)
+    me = pwd.getpwuid(os.getuid()).pw_name
+    return resolve_identities(cfg, am_root, os.getuid(), os.getgid(), me)
+
+
+def layout_under(base: Path):
+    """Every directory under ``base`` (which the unprivileged users can traverse)."""
+    from upparat.ipc.settings import Layout
+
+    return Layout(runtime_dir=base / "run", download_dir=base / "dl" / "upparat", staging_dir=base / "staging",
+                  broker_state_dir=base / "state" / "broker", fetcher_state_dir=base / "state" / "fetcher")
+
+
+def start_child_process(role: str, config_text: str, layout, ids, log_path: Path, *, tls=None,
+                        public_keys_pem=(), verbose: bool = True) -> Proc:
+    """``python -m upparat.<role>_proc --from-supervisor`` with its settings
+    envelope on stdin, dropped to its user as the supervisor does (as root).
+    Creates the directories first, with the supervisor's own function."""
+    import subprocess
+
+    from upparat.ipc.settings import ChildSettings
+    from upparat.supervisor import child_interpreter, prepare_directories
+
+    prepare_directories(layout, ids)
+    settings = ChildSettings(role=role, config_text=config_text, config_path="<test>", verbose=verbose,
+                             thing_name=None, layout=layout, ids=ids, tls=dict(tls or {}),
+                             public_keys_pem=tuple(public_keys_pem))
+    drop = {}
+    if ids.separated and role != "installer":
+        uid, gid = (ids.broker_uid, ids.broker_gid) if role == "broker" else (ids.fetcher_uid, ids.fetcher_gid)
+        drop = {"user": uid, "group": gid, "extra_groups": []}
+    proc = Proc([child_interpreter(), "-m", f"upparat.{role}_proc", "--from-supervisor"], log_path,
+                stdin_data=settings.encode(), cwd="/", **drop)
+    return proc

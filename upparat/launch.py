@@ -41,6 +41,22 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_SET_DUMPABLE = 4
 
 
+class Heartbeat:
+    """Tells the supervisor that this child's main loop is alive, with a short
+    status (``upparat.ipc.status``). Every child calls ``beat()`` from its
+    main loop, at least every few seconds; a child whose beats stop is
+    killed and restarted by the supervisor. Rate-limited here, so calling it
+    on every loop iteration is cheap. Without a supervisor it does nothing.
+    """
+
+    def __init__(self, fd: int | None = None):
+        self._fd = fd
+
+    def beat(self, **status) -> None:
+        """``status``: e.g. busy=True (a hook or staging runs), job_id, phase,
+        bytes_done, bytes_total, rate. Only plain str/int/bool/None values."""
+
+
 @dataclass
 class ChildContext:
     name: str
@@ -51,6 +67,7 @@ class ChildContext:
     tls: dict[str, str] = field(default_factory=dict)  # cafile/certfile/keyfile PEM text
     public_keys_pem: tuple[str, ...] = ()
     stop: threading.Event = field(default_factory=threading.Event)
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
 
 
 def _prctl(option: int, value: int, what: str) -> None:

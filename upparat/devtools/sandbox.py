@@ -63,13 +63,20 @@ def sha256_of(path: Path) -> str:
 class Child:
     """A process we started; stopped by PID (SIGTERM, wait, SIGKILL)."""
 
-    def __init__(self, argv, log_path: Path, **kwargs):
+    def __init__(self, argv, log_path: Path, stdin_data: bytes | None = None, **kwargs):
         self.argv = [str(a) for a in argv]
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, **kwargs)
+                                      stdin=subprocess.DEVNULL if stdin_data is None else subprocess.PIPE, **kwargs)
         self.pid = self.popen.pid
+        if stdin_data is not None:
+            try:
+                self.popen.stdin.write(stdin_data)
+            except BrokenPipeError:
+                pass
+            finally:
+                self.popen.stdin.close()
 
     def alive(self) -> bool:
         return self.popen.poll() is None

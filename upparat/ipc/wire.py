@@ -1,46 +1,58 @@
-"""Framing shared by every ZeroMQ boundary: one JSON object per single frame.
+"""Framing shared by every ZeroMQ boundary: one JSON object in one frame.
 
-A frame is ``{"v": 1, "type": "<name>", <fields>}``, UTF-8, at most
+A message is ``{"v": 2, "type": "<name>", <fields>}``, UTF-8, at most
 MAX_MESSAGE_BYTES. Each boundary module (fetcher_protocol, installer_protocol)
-declares its messages as frozen dataclasses and a ``Catalogue``; decoding
-checks, in order: size, UTF-8, JSON object, version, known type, exactly the
-declared fields, each field's type, then the message's own ``check()``. Any
-failure raises ProtocolError with one specific reason. No pickle anywhere.
+declares its messages as frozen dataclasses and a ``Catalogue``. Decoding
+checks, in order, each with one specific reason: size, UTF-8 and JSON within
+limits (upparat.safejson: depth, number and string length, no lone
+surrogates, no duplicate keys), a JSON object, the version, a known type,
+exactly the declared fields, each field's type (nested dataclasses such as
+``Release`` field by field), then the message's own ``check()``. Any failure
+raises ProtocolError. No pickle anywhere.
 
-Sockets: servers bind a REP socket, clients use REQ with a receive timeout
-and reopen the socket after a timeout (zguide "Lazy Pirate"). ZMQ's own
-MAXMSGSIZE is set above our limit so that a slightly oversized request is
-still answered with a refusal, and a huge one is dropped by ZMQ itself.
+Sockets. A server (installer, fetcher) binds a ROUTER; its one client, the
+broker, connects a DEALER. On the wire a request is ``[b"", payload]`` from
+the DEALER, seen by the ROUTER as ``[identity, b"", payload]``; anything
+else (more frames, no delimiter) is dropped with a log line. A ROUTER may
+answer later and may push unsolicited messages (state changes) to the
+identity that last spoke, so the broker never has to poll.
+
+Limits. ``zmq.MAXMSGSIZE`` caps every frame before libzmq allocates it (a
+larger frame disconnects the peer). libzmq buffers the frames of a
+multi-frame message until its last frame arrives and offers no cap on that
+total; ``Server`` therefore watches its own resident memory and, when a peer
+has made it grow past ``memory_limit`` with unread input, closes and re-binds
+its socket, which drops the peer's connection and frees what libzmq held
+(docs/security.md, "IPC limits").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import re
+import os
 import types
 import typing
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import zmq
 
-PROTOCOL_VERSION = 1
+from upparat import safejson
+
+PROTOCOL_VERSION = 2
 MAX_MESSAGE_BYTES = 64 * 1024
-SOCKET_MAXMSGSIZE = 1024 * 1024
-JOB_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SOCKET_MAXMSGSIZE = MAX_MESSAGE_BYTES  # per frame; enforced by libzmq before allocation
+MAX_DEPTH = 4
+MAX_ITEMS = 256
+MAX_REASON = 1000
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 log = logging.getLogger(__name__)
 
 
 class ProtocolError(Exception):
     """A peer's message is not acceptable; the text says exactly why."""
-
-
-class IpcTimeout(Exception):
-    """The peer did not answer in time."""
 
 
 @dataclass(frozen=True)
@@ -53,19 +65,33 @@ class Message:
     def encode(self) -> bytes:
         body = {"v": PROTOCOL_VERSION, "type": self.TYPE}
         body.update(dataclasses.asdict(self))
-        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        data = safejson.dumps(body)
         if len(data) > MAX_MESSAGE_BYTES:
             # Our own message too big is our bug, not the peer's.
             raise ValueError(f"{self.TYPE} message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
         return data
 
 
-# Shared by both boundaries: a refusal that names what was wrong.
+# Refusal codes: what the client should do about a refusal.
+MALFORMED = "malformed"  # the message could not be decoded; never retry as is
+NOT_PERMITTED = "not_permitted"  # decoded, but not allowed in this phase
+BUSY = "busy"  # allowed, but something else runs now; the server pushes when it is done
+REFUSAL_CODES = (MALFORMED, NOT_PERMITTED, BUSY)
+
+
 @dataclass(frozen=True)
 class Refused(Message):
+    """A refusal that names what was wrong; nothing of the request was done."""
+
     TYPE: ClassVar[str] = "refused"
     seq: int
+    code: str
     reason: str
+
+    def check(self) -> None:
+        if self.code not in REFUSAL_CODES:
+            raise ProtocolError(f"unknown refusal code {self.code!r}")
+        check_text("reason", self.reason, MAX_REASON)
 
 
 @dataclass(frozen=True)
@@ -74,17 +100,9 @@ class Ping(Message):
     seq: int
 
 
-@dataclass(frozen=True)
-class Pong(Message):
-    TYPE: ClassVar[str] = "pong"
-    seq: int
-    pid: int
-    busy_job_id: str | None
-
-
-def check_job_id(job_id: str) -> None:
-    if not JOB_ID_RE.match(job_id):
-        raise ProtocolError("job_id must be 1-64 characters from a-z A-Z 0-9 _ -")
+def check_seq(seq: int) -> None:
+    if not 0 <= seq < 2**63:
+        raise ProtocolError("seq must be 0 <= seq < 2^63")
 
 
 def check_text(name: str, value: str | None, limit: int) -> None:
@@ -99,9 +117,46 @@ def _type_ok(value, annotation) -> bool:
         return value is None
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, annotation)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if dataclasses.is_dataclass(annotation):
+        return isinstance(value, dict)
+    return False  # a field type this codec does not know: refuse, never guess
+
+
+def _nested_type(annotation):
+    """The dataclass inside ``X`` or ``X | None``, or None."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        for arm in typing.get_args(annotation):
+            if dataclasses.is_dataclass(arm):
+                return arm
+    return None
+
+
+def decode_fields(cls, body: dict, where: str) -> dict:
+    """Exactly the dataclass's fields, each of its declared type; nested
+    dataclasses are decoded the same way. Raises ProtocolError."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    given = set(body)
+    if given - fields:
+        raise ProtocolError(f"{where}: unexpected field(s) {', '.join(sorted(given - fields))}")
+    if fields - given:
+        raise ProtocolError(f"{where}: missing field(s) {', '.join(sorted(fields - given))}")
+    values = {}
+    for name in sorted(fields):
+        value, annotation = body[name], hints[name]
+        if not _type_ok(value, annotation):
+            raise ProtocolError(f"{where}: field {name} has the wrong type")
+        nested = _nested_type(annotation)
+        if nested is not None and isinstance(value, dict):
+            value = nested(**decode_fields(nested, value, f"{where}.{name}"))
+        values[name] = value
+    return values
 
 
 class Catalogue:
@@ -109,36 +164,28 @@ class Catalogue:
 
     def __init__(self, *classes: type[Message]):
         self._classes = {cls.TYPE: cls for cls in classes}
-        self._hints = {cls.TYPE: typing.get_type_hints(cls) for cls in classes}
+
+    @property
+    def types(self) -> frozenset[str]:
+        return frozenset(self._classes)
 
     def decode(self, data: bytes) -> Message:
-        if len(data) > MAX_MESSAGE_BYTES:
-            raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
         try:
-            body = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ProtocolError("message is not UTF-8") from None
-        except json.JSONDecodeError as exc:
-            raise ProtocolError(f"message is not JSON ({exc.msg})") from None
+            body = safejson.loads(data, max_bytes=MAX_MESSAGE_BYTES, max_depth=MAX_DEPTH,
+                                  max_string=MAX_MESSAGE_BYTES, max_items=MAX_ITEMS)
+        except safejson.BadJson as exc:
+            raise ProtocolError(f"message refused: {exc}") from None
         if not isinstance(body, dict):
             raise ProtocolError("message is not a JSON object")
-        if body.get("v") != PROTOCOL_VERSION or isinstance(body.get("v"), bool):
-            raise ProtocolError(f"unsupported protocol version {body.get('v')!r}")
-        kind = body.get("type")
+        version = body.pop("v", None)
+        if type(version) is not int or version != PROTOCOL_VERSION:
+            raise ProtocolError(f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})")
+        kind = body.pop("type", None)
         cls = self._classes.get(kind) if isinstance(kind, str) else None
         if cls is None:
-            raise ProtocolError(f"unknown message type {kind!r}")
-        hints = self._hints[kind]
-        fields = {f.name for f in dataclasses.fields(cls)}
-        given = set(body) - {"v", "type"}
-        if given - fields:
-            raise ProtocolError(f"{kind}: unexpected field(s) {', '.join(sorted(given - fields))}")
-        if fields - given:
-            raise ProtocolError(f"{kind}: missing field(s) {', '.join(sorted(fields - given))}")
-        for name in sorted(fields):
-            if not _type_ok(body[name], hints[name]):
-                raise ProtocolError(f"{kind}: field {name} has the wrong type")
-        message = cls(**{name: body[name] for name in fields})
+            raise ProtocolError(f"unknown message type {str(kind)[:64]!r}")
+        message = cls(**decode_fields(cls, body, kind))
+        check_seq(message.seq)
         message.check()
         return message
 
@@ -150,58 +197,215 @@ def make_socket(context: zmq.Context, kind: int) -> zmq.Socket:
     return sock
 
 
-class Client:
-    """REQ client with a bounded wait; a timeout resets the socket."""
+def resident_bytes() -> int:
+    with open("/proc/self/statm", "rb") as fh:
+        return int(fh.read().split()[1]) * PAGE
 
-    def __init__(self, context: zmq.Context, endpoint: str, replies: Catalogue, timeout_s: float = 5.0):
+
+def _refusal_seq(data: bytes) -> int:
+    """The seq of a refused request, if one can be read safely; else 0."""
+    try:
+        body = safejson.loads(data, max_bytes=MAX_MESSAGE_BYTES, max_depth=MAX_DEPTH, max_items=MAX_ITEMS)
+    except safejson.BadJson:
+        return 0
+    seq = body.get("seq") if isinstance(body, dict) else None
+    return seq if type(seq) is int and 0 <= seq < 2**63 else 0
+
+
+Handler = Callable[[Message, bytes], "Message | None"]
+
+
+class Server:
+    """A ROUTER that decodes every request, answers it, and can push.
+
+    ``handle(message, peer)`` returns the reply, or None to answer later
+    with ``push(peer, message)``; it may raise ProtocolError to refuse.
+    ``on_bound(path)`` runs after every (re)bind to set the socket file's
+    owner and mode. Refusals are logged and answered; nothing raises out of
+    ``serve_ready`` because of what a peer sent.
+    """
+
+    def __init__(self, context: zmq.Context, socket_path: os.PathLike, requests: Catalogue, handle: Handler,
+                 name: str, on_bound: Callable[[str], None] | None = None, memory_limit: int = 128 * 1024**2):
+        self._context = context
+        self._path = os.fspath(socket_path)
+        self._requests = requests
+        self._handle = handle
+        self._name = name
+        self._on_bound = on_bound
+        self._memory_limit = memory_limit
+        self._baseline = 0
+        self.last_peer: bytes | None = None
+        self.sock: zmq.Socket | None = None
+        self.rebinds = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"ipc://{self._path}"
+
+    def bind(self) -> zmq.Socket:
+        try:
+            os.unlink(self._path)  # a stale socket of an earlier run; the directory is ours
+        except FileNotFoundError:
+            pass
+        sock = make_socket(self._context, zmq.ROUTER)
+        old_umask = os.umask(0o177)  # born 0600; on_bound widens it to the one group allowed
+        try:
+            sock.bind(self.endpoint)
+        finally:
+            os.umask(old_umask)
+        if self._on_bound is not None:
+            self._on_bound(self._path)
+        self.sock = sock
+        self._baseline = resident_bytes()
+        return sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+        try:
+            os.unlink(self._path)
+        except OSError:
+            pass
+
+    def guard_memory(self) -> bool:
+        """Re-bind when unread peer input made us grow past the limit. True if it did."""
+        grown = resident_bytes() - self._baseline
+        if grown <= self._memory_limit:
+            return False
+        log.error("%s: a peer made this process grow by %d MiB with unread input (an endless multi-frame "
+                  "message?); dropping every connection and listening again", self._name, grown // 2**20)
+        self.sock.close(linger=0)
+        self.sock = None
+        self.rebinds += 1
+        self.bind()
+        return True
+
+    def serve_ready(self, limit: int = 100) -> int:
+        """Answer the requests that are waiting (at most ``limit``); returns how many."""
+        served = 0
+        while served < limit and self.sock is not None:
+            try:
+                frames = self._recv_frames()
+            except zmq.Again:
+                break
+            served += 1
+            if frames is None:
+                continue
+            self._answer(*frames)
+        self.guard_memory()
+        return served
+
+    def _recv_frames(self) -> tuple[bytes, bytes] | None:
+        """(peer identity, payload) of one well-framed request, or None (dropped)."""
+        parts = []
+        count = 0
+        while True:
+            frame = self.sock.recv(zmq.NOBLOCK if count == 0 else 0, copy=False)
+            count += 1
+            if count <= 3:
+                parts.append(frame.bytes)
+            if not frame.more:
+                break
+        if count != 3 or parts[1] != b"":
+            log.warning("%s: dropped a message of %d frames (a request is exactly one frame)", self._name,
+                        count - 1)
+            if count >= 2 and parts[1] == b"":
+                self._send(parts[0], Refused(seq=0, code=MALFORMED,
+                                             reason=f"a request is exactly one frame, got {count - 2}"))
+            return None
+        return parts[0], parts[2]
+
+    def _answer(self, peer: bytes, payload: bytes) -> None:
+        self.last_peer = peer
+        try:
+            message = self._requests.decode(payload)
+        except ProtocolError as exc:
+            log.warning("%s: refused a malformed request: %s", self._name, exc)
+            self._send(peer, Refused(seq=_refusal_seq(payload), code=MALFORMED, reason=str(exc)[:MAX_REASON]))
+            return
+        try:
+            reply = self._handle(message, peer)
+        except ProtocolError as exc:
+            code = getattr(exc, "code", NOT_PERMITTED)
+            log.warning("%s: refused %s: %s", self._name, message.TYPE, exc)
+            reply = Refused(seq=message.seq, code=code, reason=str(exc)[:MAX_REASON])
+        if reply is not None:
+            self._send(peer, reply)
+
+    def push(self, peer: bytes | None, message: Message) -> None:
+        """Send a message to a peer without a request (e.g. a state change)."""
+        if peer is not None and self.sock is not None:
+            self._send(peer, message)
+
+    def _send(self, peer: bytes, message: Message) -> None:
+        try:
+            self.sock.send_multipart([peer, b"", message.encode()], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("%s: could not send %s: the peer is not reading", self._name, message.TYPE)
+        except zmq.ZMQError as exc:  # e.g. EHOSTUNREACH for a peer that is gone
+            log.info("%s: could not send %s: %s", self._name, message.TYPE, exc)
+
+
+class Refusal(ProtocolError):
+    """Raised by a handler to refuse with a specific code."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+class Client:
+    """The broker's end of a boundary: a DEALER that sends without waiting.
+
+    Replies and pushes arrive on ``sock`` (register it in the caller's
+    poller) and are read with ``receive_ready``. ``IMMEDIATE`` means a
+    request is never queued for a peer that is not connected: ``send``
+    returns False and the caller retries on its own deadline.
+    """
+
+    def __init__(self, context: zmq.Context, endpoint: str, replies: Catalogue, name: str):
         self._context = context
         self._endpoint = endpoint
         self._replies = replies
-        self._timeout_ms = int(timeout_s * 1000)
-        self._sock: zmq.Socket | None = None
+        self.name = name
+        self.sock = self._open()
+        self.garbage = 0  # replies that could not be used, since the last reset_garbage()
 
     def _open(self) -> zmq.Socket:
-        if self._sock is None:
-            self._sock = make_socket(self._context, zmq.REQ)
-            self._sock.connect(self._endpoint)
-        return self._sock
+        sock = make_socket(self._context, zmq.DEALER)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.connect(self._endpoint)
+        return sock
 
-    def with_timeout(self, timeout_s: float) -> "Client":
-        """A client for the same peer with another wait (own socket)."""
-        return Client(self._context, self._endpoint, self._replies, timeout_s)
+    def send(self, message: Message) -> bool:
+        try:
+            self.sock.send_multipart([b"", message.encode()], zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
 
-    def reset(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-
-    def request(self, message: Message) -> Message:
-        sock = self._open()
-        sock.send(message.encode())
-        if not sock.poll(self._timeout_ms, zmq.POLLIN):
-            self.reset()
-            raise IpcTimeout(f"no answer from {self._endpoint} to {message.TYPE}")
-        data = sock.recv()
-        return self._replies.decode(data)
+    def receive_ready(self, limit: int = 100) -> list[Message]:
+        """Every usable message waiting; garbage is logged and counted."""
+        out = []
+        for _ in range(limit):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            if len(frames) != 2 or frames[0] != b"":
+                self.garbage += 1
+                log.error("%s: dropped a reply of %d frames", self.name, len(frames))
+                continue
+            try:
+                out.append(self._replies.decode(frames[1]))
+            except ProtocolError as exc:
+                self.garbage += 1
+                log.error("%s: unusable reply: %s", self.name, exc)
+        return out
 
     def close(self) -> None:
-        self.reset()
-
-
-def serve_one(sock: zmq.Socket, requests: Catalogue, handle, name: str) -> None:
-    """Receive one request on a REP socket, answer it; never raise on peer input.
-
-    ``handle(message) -> Message`` may raise ProtocolError to refuse.
-    """
-    frames = sock.recv_multipart()
-    seq = 0
-    try:
-        if len(frames) != 1:
-            raise ProtocolError(f"expected 1 frame, got {len(frames)}")
-        message = requests.decode(frames[0])
-        seq = getattr(message, "seq", 0)
-        reply = handle(message)
-    except ProtocolError as exc:
-        log.warning("%s: refused request: %s", name, exc)
-        reply = Refused(seq=seq, reason=str(exc)[:1000])
-    sock.send(reply.encode())
+        self.sock.close(linger=0)
