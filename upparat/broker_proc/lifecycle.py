@@ -392,6 +392,10 @@ class Agent:
                 self.outbox.handle_reply(job_id, outcome, body)
         except BadPayload as exc:
             log.warning("ignoring message on %s: %s", topic, exc)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            # A payload shape our checks did not foresee: a bug to fix, but peer input
+            # must never take the process down. Logged with the traceback, then dropped.
+            log.exception("ignoring message on %s: unexpected shape (please report this)", topic)
 
     def on_pending(self, outcome: str, body: dict) -> None:
         if body.get("clientToken") != self.pending_token:

@@ -15,6 +15,7 @@ import collections
 import logging
 import os
 import ssl
+import sys
 import threading
 
 import paho.mqtt.client as mqtt
@@ -118,11 +119,17 @@ class Connection:
         self._pending_mids = {mid}
 
     def _on_connect_fail(self, client, userdata):
-        hint = ""
-        if self.cfg.ssl:
-            hint = (" (TLS: check [broker] cafile against the broker's certificate, and certfile/keyfile; "
-                    "the error above names the cause)")
-        log.error("cannot connect to the MQTT broker %s:%d%s; retrying", self.cfg.host, self.cfg.port, hint)
+        # paho calls this inside its ``except OSError`` block: the cause is the active exception.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            cause = (f"the broker's TLS certificate does not verify ({exc.verify_message}): check that "
+                     "[broker] cafile is the CA that signed it and that [broker] host matches its name")
+        elif isinstance(exc, ssl.SSLError):
+            cause = (f"TLS failed ({exc.reason or exc}): check [broker] certfile and keyfile (the device "
+                     "certificate must be one the broker accepts), cafile and port")
+        else:
+            cause = str(exc) if exc else "unknown reason"
+        log.error("cannot connect to the MQTT broker %s:%d: %s; retrying", self.cfg.host, self.cfg.port, cause)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
         if mid not in self._pending_mids:

@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 from typing import Callable
 
 import paho.mqtt.client as mqtt
@@ -76,6 +77,7 @@ class JobsEmulator:
         self._subscribe_mid: int | None = None
         self._ready = threading.Event()
         self._failure: str | None = None
+        self.faults = EmulatorFaults()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -184,7 +186,77 @@ class JobsEmulator:
 
     def _on_message(self, _client, _userdata, message):
         log.debug("<- %s %r", message.topic, message.payload[:200])
-        self._apply(self._store.handle, message.topic, message.payload)
+        rule = self.faults.take(message.topic, message.payload)
+        if rule is None:
+            self._apply(self._store.handle, message.topic, message.payload)
+            return
+        with self._changed:
+            if rule.action == "reject":
+                request = _json_object(message.payload)
+                reply = {"timestamp": int(time.time()), "code": rule.code, "message": "injected by the emulator"}
+                if isinstance(request.get("clientToken"), str):
+                    reply["clientToken"] = request["clientToken"]
+                self._publish([Publication(message.topic + "/rejected", reply)])
+                return
+            publications = self._store.handle(message.topic, message.payload)
+            self._changed.notify_all()
+            replies = [p for p in publications if p.topic.startswith(message.topic + "/")]
+            others = [p for p in publications if p not in replies]
+            self._publish(others)
+        if rule.action == "delay":
+            timer = threading.Timer(rule.seconds, self._publish_locked, (replies,))
+            timer.daemon = True
+            timer.start()
+        # "drop": the change is stored, the reply never arrives
+
+    def _publish_locked(self, publications: list[Publication]) -> None:
+        with self._lock:
+            self._publish(publications)
+
+
+@dataclass
+class FaultRule:
+    state: str | None  # statusDetails.state of the update it applies to; None: any update
+    action: str  # "reject" (with ``code``, nothing stored), "drop" (stored, no reply), "delay" (reply later)
+    times: int
+    code: str = "RequestThrottled"
+    seconds: float = 0.0
+
+
+class EmulatorFaults:
+    """Faults for UpdateJobExecution requests, for tests of the device's
+    retries and ordering: reject an update (e.g. ``RequestThrottled``), store
+    it but lose the reply, or send the reply late."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._rules: list[FaultRule] = []
+        self.applied: list[tuple[str, str | None]] = []  # (action, state)
+
+    def add(self, rule: FaultRule) -> None:
+        with self._lock:
+            self._rules.append(rule)
+
+    def take(self, topic: str, payload: bytes) -> FaultRule | None:
+        if not topic.endswith("/update"):
+            return None
+        details = _json_object(payload).get("statusDetails")
+        state = details.get("state") if isinstance(details, dict) else None
+        with self._lock:
+            for rule in self._rules:
+                if rule.times > 0 and rule.state in (None, state):
+                    rule.times -= 1
+                    self.applied.append((rule.action, state))
+                    return rule
+        return None
+
+
+def _json_object(payload: bytes) -> dict:
+    try:
+        body = json.loads(payload or b"{}")
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 # ---------------------------------------------------------------------- command line
