@@ -222,7 +222,9 @@ class Server:
     with ``push(peer, message)``; it may raise ProtocolError to refuse.
     ``on_bound(path)`` runs after every (re)bind to set the socket file's
     owner and mode. Refusals are logged and answered; nothing raises out of
-    ``serve_ready`` because of what a peer sent.
+    ``serve_ready`` because of what a peer sent. The owner's main loop calls
+    ``guard_memory()`` on every iteration (at least once a second): an
+    unfinished multi-frame message never makes the socket readable.
     """
 
     def __init__(self, context: zmq.Context, socket_path: os.PathLike, requests: Catalogue, handle: Handler,
