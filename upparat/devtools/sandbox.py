@@ -191,9 +191,12 @@ class Sandbox:
             f"download_location = {self.path('dl')}\nstaging_location = {self.path('staging')}\n")
         supervisor = "" if self.seed_style else f"[supervisor]\nruntime_dir = {self.path('run')}\n"
         tls = "".join(f"{key} = {self.tls[key]}\n" for key in ("cafile", "certfile", "keyfile") if key in self.tls)
+        verification = "".join(line + "\n" for line in (
+            f"public_keys = {keys}" if keys else "", "allow_unsigned = true" if self.allow_unsigned else "") if line)
+        verification = f"[verification]\n{verification}" if verification else ""
         text = f"""[service]
 log_level = DEBUG
-{locations}job_prefix = {self.job_prefix}
+{locations}{f"job_prefix = {self.job_prefix}" if self.job_prefix else ""}
 
 [broker]
 host = 127.0.0.1
@@ -208,10 +211,7 @@ max_retries = 3
 timeout = 60
 version_confirm_window = 10
 
-[verification]
-{'public_keys = ' + keys if keys else ''}
-{'allow_unsigned = true' if self.allow_unsigned else ''}
-
+{verification}
 {supervisor}{self.config_extra}
 """
         self.path("upparat.conf").write_text(text)
