@@ -22,10 +22,10 @@ PROG = "upparat-jobs"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (exit 2)."""
+    """argparse whose usage errors become one line from ``main`` (exit 2), not a usage block."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(codes.EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +147,8 @@ def cmd_create(args, out, err, stdin) -> int:
         plan.check_job_id(args.job_id, args.job_prefix)
     things = plan.thing_names(args.thing, stdin)
     groups = plan.group_names(args.thing_group)
+    if groups and args.emulator:
+        raise UsageError("the jobs emulator has no thing groups: name the things with --thing")
     if not things and not groups:
         raise UsageError("no targets: give --thing NAME, --thing - (names on stdin) or --thing-group NAME")
     if len(things) + len(groups) > plan.MAX_TARGETS:
@@ -253,7 +255,11 @@ def _count(n: int, noun: str) -> str:
 
 def main(argv: list[str] | None = None, out=None, err=None, stdin=None) -> int:
     out, err, stdin = out or sys.stdout, err or sys.stderr, stdin or sys.stdin
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(_one_line(exc), file=err)
+        return codes.EXIT_USAGE
     try:
         if args.command == "keygen":
             return cmd_keygen(args, out, err)
