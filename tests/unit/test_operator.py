@@ -16,13 +16,13 @@ import pytest
 
 from upparat import signature, verify
 from upparat.operator import cli, keys, plan
-from upparat.release import Release, parse_document
+from upparat.release import parse_document
 
 ROLE = "arn:aws:iam::123456789012:role/upparat-presign"
 URL = "https://s3.us-east-1.amazonaws.com/b/k"
 
 
-def run(argv, stdin="", emulator=None):
+def run(argv, stdin=""):
     out, err = io.StringIO(), io.StringIO()
     code = cli.main(argv, out=out, err=err, stdin=io.StringIO(stdin))
     return code, out.getvalue(), err.getvalue()

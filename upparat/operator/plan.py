@@ -8,7 +8,6 @@ request is built here once and either sent or, with ``--dry-run``, printed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -270,7 +269,3 @@ def describe(release: Release, file: LocalFile) -> str:
     text = f"upparat {release.version}: {file.name} ({file.size} bytes, sha256 {file.sha256[:16]})"
     text = "".join(ch for ch in text if ch.isprintable())
     return text[:2028]
-
-
-def replace_signature(release: Release, signature: str | None) -> Release:
-    return dataclasses.replace(release, signature=signature)
