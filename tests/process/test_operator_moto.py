@@ -121,6 +121,7 @@ def test_create_uploads_the_file_and_creates_the_job_as_given(cloud, release_fil
     assert result.returncode == 0, result.stderr
     job_id = result.stdout.strip()
     assert job_id.startswith("fleet-2_0_0-") and cloud.jobs() == [job_id]
+    assert "\r" not in result.stderr and "[#" not in result.stderr  # no progress bar off a terminal
 
     # The S3 object holds the file's bytes, under a key derived from its sha256.
     file = verify.hash_fd(os.open(firmware, os.O_RDONLY))

@@ -364,3 +364,31 @@ def test_no_device_module_imports_boto3():
             "upparat.operator.cli, upparat.operator.emulator; "
             "sys.exit(any(m.split('.')[0] in ('boto3', 'botocore') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ---------------------------------------------------------------- the progress bar
+
+class FakeTerminal(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def test_progress_draws_on_a_terminal_and_says_nothing_elsewhere():
+    from upparat.operator.progress import Progress
+
+    for tty in (True, False):
+        stream = FakeTerminal(tty)
+        progress = Progress(stream, 4 * 1024 * 1024, "uploading fw.bin", interval=0)
+        for _ in range(4):
+            progress.add(1024 * 1024)
+        progress.finish()
+        text = stream.getvalue()
+        if tty:
+            assert text.count("\r") >= 4 and text.endswith("\n")
+            assert "100% 4.0 MiB / 4.0 MiB" in text.splitlines()[-1].split("\r")[-1]
+        else:
+            assert text == ""
