@@ -104,21 +104,28 @@ def cmd_keygen(args, out, err) -> int:
 
     private, public = keys.keygen(args.out, args.type)
     print(f"wrote {private} (private, mode 0600: keep it secret) and {public}", file=out)
-    print(f"on each device: [verification] public_keys = /etc/upparat/{public.name}", file=out)
+    print(f"copy {public.name} to each device and list it there, e.g. "
+          f"[verification] public_keys = /etc/upparat/{public.name}", file=out)
     return codes.EXIT_OK
 
 
-def _release(args, file: plan.LocalFile, key_path: str | None, err):
+def _release(args, path: str, key_path: str | None, err):
+    """Hash the file and sign its release; the key is loaded first (a wrong key or passphrase
+    should not wait for a large file to be hashed)."""
     from upparat.operator import keys
 
+    private_key = None
+    if key_path is not None:
+        private_key = keys.load_private_key(key_path, warn=lambda m: print(m, file=err))
+    file = plan.hash_file(path)
     release = plan.release_for(file, args.version, args.meta, args.force, args.serial)
-    if key_path is None:
-        return release
-    return keys.sign_release(keys.load_private_key(key_path, warn=lambda m: print(m, file=err)), release)
+    if private_key is not None:
+        release = keys.sign_release(private_key, release)
+    return file, release
 
 
 def cmd_sign(args, out, err) -> int:
-    release = _release(args, plan.hash_file(args.file), args.key, err)
+    _, release = _release(args, args.file, args.key, err)
     json.dump(plan.document_fields(release), out, indent=2)
     out.write("\n")
     return codes.EXIT_OK
@@ -160,8 +167,7 @@ def cmd_create(args, out, err, stdin) -> int:
     problem = rollout.problem()
     if problem:
         raise UsageError(problem)
-    file = plan.hash_file(args.file)
-    release = _release(args, file, args.key, err)
+    file, release = _release(args, args.file, args.key, err)
     job_id = args.job_id or plan.new_job_id(
         plan.DEFAULT_JOB_PREFIX if args.job_prefix is None else args.job_prefix, release.version)
 
