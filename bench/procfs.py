@@ -1,0 +1,159 @@
+"""Reading what the kernel knows about a process tree: children, PSS, CPU time.
+
+Only /proc, no third-party library, so the same numbers can be checked by
+hand (``cat /proc/PID/smaps_rollup``). Every function tolerates a process
+that exits while it is being read (it is simply left out).
+
+CPU time of a tree over an interval: ``tree_cpu_seconds(root)`` sums, over
+every live process of the tree, its own utime+stime plus cutime+cstime (the
+time of children it has already waited for). The difference of two such sums
+is the CPU the tree used in between, including processes that started and
+ended in between (a hook, curl), as long as a process of the tree reaped them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Stat:
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    utime: int  # clock ticks
+    stime: int
+    cutime: int
+    cstime: int
+    starttime: int
+
+    @property
+    def cpu_ticks(self) -> int:
+        """Own CPU plus that of waited-for children."""
+        return self.utime + self.stime + self.cutime + self.cstime
+
+
+def parse_stat(text: str) -> Stat:
+    """Parse one /proc/PID/stat line. ``comm`` may hold spaces and parentheses,
+    so the fields are split after its *last* closing parenthesis."""
+    open_at = text.index("(")
+    close_at = text.rindex(")")
+    pid = int(text[:open_at])
+    comm = text[open_at + 1:close_at]
+    rest = text[close_at + 2:].split()
+    # rest[0] is field 3 (state); fields are numbered from 1 in proc(5).
+    return Stat(pid=pid, comm=comm, state=rest[0], ppid=int(rest[1]),
+                utime=int(rest[11]), stime=int(rest[12]), cutime=int(rest[13]), cstime=int(rest[14]),
+                starttime=int(rest[19]))
+
+
+def read_stat(pid: int) -> Stat | None:
+    try:
+        return parse_stat((PROC / str(pid) / "stat").read_text())
+    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+        return None
+
+
+def parse_smaps_rollup(text: str) -> dict[str, int]:
+    """The ``Key: N kB`` lines of smaps_rollup as a dict of KiB."""
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        if not sep:
+            continue
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+            values[key.strip()] = int(parts[0])
+    return values
+
+
+def memory_kib(pid: int) -> dict[str, int] | None:
+    """Rss, Pss, USS (Private_Clean + Private_Dirty) of one process, in KiB;
+    None when it is gone or is a zombie (no mappings)."""
+    try:
+        values = parse_smaps_rollup((PROC / str(pid) / "smaps_rollup").read_text())
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    if "Pss" not in values:
+        return None
+    return {"rss": values.get("Rss", 0), "pss": values["Pss"],
+            "uss": values.get("Private_Clean", 0) + values.get("Private_Dirty", 0)}
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``. A child forked by any thread appears in that
+    thread's ``children`` file, so every thread is read."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(PROC / str(pid) / "task")
+    except (FileNotFoundError, ProcessLookupError):
+        return found
+    for tid in tasks:
+        try:
+            text = (PROC / str(pid) / "task" / tid / "children").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        found.extend(int(p) for p in text.split())
+    return found
+
+
+def tree(root: int) -> list[int]:
+    """``root`` and all its descendants that are alive now (root first)."""
+    if read_stat(root) is None:
+        return []
+    seen = [root]
+    todo = [root]
+    while todo:
+        for child in children(todo.pop()):
+            if child not in seen:
+                seen.append(child)
+                todo.append(child)
+    return seen
+
+
+def tree_cpu_seconds(root: int) -> float:
+    total = 0
+    for pid in tree(root):
+        stat = read_stat(pid)
+        if stat is not None:
+            total += stat.cpu_ticks
+    return total / CLOCK_TICKS
+
+
+def tree_memory_kib(root: int) -> dict[str, int]:
+    """Summed rss/pss/uss of the live tree, plus how many processes were counted."""
+    total = {"rss": 0, "pss": 0, "uss": 0, "processes": 0}
+    for pid in tree(root):
+        mem = memory_kib(pid)
+        if mem is None:
+            continue
+        for key, value in mem.items():
+            total[key] += value
+        total["processes"] += 1
+    return total
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = (PROC / str(pid) / "cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def process_kind(argv: list[str]) -> str:
+    """A name for a process from its argv: the module after ``-m``, else the
+    program's base name."""
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1]
+    return os.path.basename(argv[0]) if argv else "?"
+
+
+def loadavg_text() -> str:
+    return " ".join((PROC / "loadavg").read_text().split()[:3])
