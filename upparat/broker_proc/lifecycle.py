@@ -728,10 +728,19 @@ class Agent:
         job = self.job
         if job is not None and job.job_id == job_id:  # never another job than the one it is about
             self.abandon(why)
+        self._idle_check()
+
+    def _idle_check(self) -> None:
+        """Idle and no final status on its way any more (e.g. one left from before a
+        restart was settled): look for the next job now, not at the next poll."""
+        if self.job is None and self.connected and not self.outbox.busy():
+            self.ask_pending()
 
     def _outbox_accepted(self, job_id: str, execution: int, update: Update) -> None:
         job = self.job
         if job is None or job.job_id != job_id:
+            if update.status in FINAL:
+                self._idle_check()
             return
         if job.phase is P.REBOOT_REPORT:
             self._check_reboot_accepted()

@@ -188,7 +188,8 @@ class Sandbox:
         hooks = "\n".join(f"{n} = {self.path('hooks', n)}" for n, b in self.hook_bodies.items() if b is not None)
         keys = ",".join(str(k) for k in self.public_keys)
         locations = "" if self.seed_style else (
-            f"download_location = {self.path('dl')}\nstaging_location = {self.path('staging')}\n")
+            f"download_location = {self.path('dl')}\nstaging_location = {self.path('staging')}\n"
+            f"state_location = {self.path('state-dirs')}\n")
         supervisor = "" if self.seed_style else f"[supervisor]\nruntime_dir = {self.path('run')}\n"
         tls = "".join(f"{key} = {self.tls[key]}\n" for key in ("cafile", "certfile", "keyfile") if key in self.tls)
         verification = "".join(line + "\n" for line in (
