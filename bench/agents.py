@@ -50,11 +50,17 @@ TERMINAL = {"SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "TIMED_OUT", "REMOVED
 
 
 class BenchSandbox(Sandbox):
-    """The sandbox with the bench's log level (INFO instead of DEBUG)."""
+    """The sandbox with the bench's log level (INFO instead of DEBUG), and its
+    state directories always under its own base: with the default
+    (/var/lib/upparat) a run would share the broker's outbox, with its list of
+    finished jobs, with every other run on the machine."""
 
     def write_config(self) -> Path:
         path = super().write_config()
-        path.write_text(path.read_text().replace("log_level = DEBUG", "log_level = INFO"))
+        text = path.read_text().replace("log_level = DEBUG", "log_level = INFO")
+        if "state_location" not in text:
+            text = text.replace("[service]\n", f"[service]\nstate_location = {self.path('state-dirs')}\n", 1)
+        path.write_text(text)
         return path
 
 

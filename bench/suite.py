@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -83,12 +84,14 @@ class Bench:
         self.workdir = workdir
         self.log = log
         self._seq = 0
+        # Job ids are unique in an AWS account; a run never reuses one of an earlier run.
+        self._run_token = secrets.token_hex(3)
 
     # -- building blocks ----------------------------------------------------------
     def _next(self, agent: Agent, tag: str) -> tuple[str, str]:
         self._seq += 1
         short = "v2" if agent.label.startswith("Upparat 2") else "v112"
-        return f"upparat_{short}_{tag}_{self._seq}", f"2.0.{self._seq}"
+        return f"upparat_{short}_{tag}_{self._run_token}_{self._seq}", f"2.0.{self._seq}"
 
     def start_agent(self, agent: Agent) -> dict:
         started = agent.start()
