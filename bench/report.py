@@ -103,8 +103,12 @@ def render(results: dict) -> str:
     w(f"- Command: `{meta['command']}`")
     w(f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.1f} GiB RAM, kernel {m['kernel']}, "
       f"{m['os']}; Python {m['python']}; running as {m['user']}.")
-    w(f"- Load average (1, 5, 15 min): {meta['load_before']} before, {meta['load_after']} after; the machine is "
-      "shared with other work, so figures move between runs: compare ratios, not absolute times.")
+    loads = [float(r["load"].split()[0]) for r in results["curl"] + [
+        run for a in agents.values() for key in ("latency", "messages", "big") for run in a.get(key, [])]
+        if r.get("load")]
+    during = f", 1-min load {min(loads):.2f}–{max(loads):.2f} at the end of the runs" if loads else ""
+    w(f"- Load average (1, 5, 15 min): {meta['load_before']} before, {meta['load_after']} after{during}; the "
+      "machine is shared with other work, so figures move between runs: compare ratios, not absolute times.")
     w(f"- Under test: Upparat 2 at `{meta['versions']['upparat2']}`; upparat 1.12 from PyPI in its own venv "
       f"({meta['versions']['upparat112']}); {meta['versions']['curl']}; {meta['versions']['mosquitto']}.")
     w(f"- Plan: {meta['plan']}.")
