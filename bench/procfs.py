@@ -82,7 +82,7 @@ def memory_kib(pid: int) -> dict[str, int] | None:
         return None
     if "Pss" not in values:
         return None
-    return {"rss": values.get("Rss", 0), "pss": values["Pss"],
+    return {"rss": values.get("Rss", 0), "pss": values["Pss"], "pss_anon": values.get("Pss_Anon", 0),
             "uss": values.get("Private_Clean", 0) + values.get("Private_Dirty", 0)}
 
 
@@ -128,7 +128,7 @@ def tree_cpu_seconds(root: int) -> float:
 
 def tree_memory_kib(root: int) -> dict[str, int]:
     """Summed rss/pss/uss of the live tree, plus how many processes were counted."""
-    total = {"rss": 0, "pss": 0, "uss": 0, "processes": 0}
+    total = {"rss": 0, "pss": 0, "pss_anon": 0, "uss": 0, "processes": 0}
     for pid in tree(root):
         mem = memory_kib(pid)
         if mem is None:
@@ -137,6 +137,39 @@ def tree_memory_kib(root: int) -> dict[str, int]:
             total[key] += value
         total["processes"] += 1
     return total
+
+
+def extension_modules(pid: int) -> list[str]:
+    """Python extension modules mapped by a process, from /proc/PID/maps: a
+    module of the standard library by its name (``_ssl``), one of an installed
+    package by the package (``cryptography``, ``zmq``): what it has imported
+    that costs native memory, seen from outside."""
+    found: set[str] = set()
+    try:
+        text = (PROC / str(pid) / "maps").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return []
+    for line in text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 6 or not parts[5].endswith(".so"):
+            continue
+        path = parts[5]
+        name = os.path.basename(path)
+        if ".cpython-" not in name and not name.endswith(".abi3.so"):
+            continue  # a plain shared library (libc, libzmq): not an import
+        inside = path.split("-packages/", 1)[1] if ("/site-packages/" in path or "/dist-packages/" in path) else ""
+        if "/" in inside:
+            found.add(inside.split("/", 1)[0])
+        else:
+            found.add(name.split(".", 1)[0])
+    return sorted(found)
+
+
+def thread_count(pid: int) -> int:
+    try:
+        return len(os.listdir(PROC / str(pid) / "task"))
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
 
 
 def cmdline(pid: int) -> list[str]:

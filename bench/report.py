@@ -208,12 +208,18 @@ def render(results: dict) -> str:
     curl_peak = mem_stat(results["curl"], ("memory", "peak", "pss"))
     w(f"| {CURL} (for scale) | – | – | – | {fmt(curl_peak, 'MiB', 1, 1024)} | – | – |")
     w("")
-    for label in (V2, V112):
-        a = agents.get(label)
-        if a and a.get("idle"):
-            parts = ", ".join(f"{k} {v / 1024:.1f} MiB" for k, v in sorted(a["idle"]["by_kind_pss"].items()))
-            w(f"- {label} idle, per process: {parts} ({a['idle']['processes']} processes).")
-    w("")
+    rows = [(label, p) for label in (V2, V112) if agents.get(label, {}).get("idle")
+            for p in agents[label]["idle"].get("per_process", [])]
+    if rows:
+        w("Idle, per process. `extension modules` are read from the process's own /proc/PID/maps: what it has "
+          "imported that carries native code (a package by its name, a standard-library module by its own).")
+        w("")
+        w("| agent | process | PSS | of which anonymous | USS | threads | extension modules |")
+        w("|---|---|---|---|---|---|---|")
+        for label, p in rows:
+            w(f"| {label} | `{p['kind']}` | {p['pss'] / 1024:.1f} MiB | {p.get('pss_anon', 0) / 1024:.1f} MiB | "
+              f"{p['uss'] / 1024:.1f} MiB | {p['threads']} | {', '.join(p['extensions']) or '–'} |")
+        w("")
 
     # ------------------------------------------------------------------ 4. messages
     w("## 4. Status messages for a 100 MiB job")

@@ -118,6 +118,13 @@ class Bench:
         last = dict(samples[-1])
         last["settled_after_s"] = round(time.monotonic() - began, 1)
         last["settled"] = time.monotonic() - began < maximum
+        last["per_process"] = []
+        for pid in procfs.tree(agent.pid):
+            mem = procfs.memory_kib(pid)
+            if mem is not None:
+                last["per_process"].append(mem | {"kind": kinds.get(pid) or procfs.process_kind(procfs.cmdline(pid)),
+                                                  "threads": procfs.thread_count(pid),
+                                                  "extensions": procfs.extension_modules(pid)})
         return last
 
     def _start_sampler(self, pid: int, out: Path) -> subprocess.Popen:

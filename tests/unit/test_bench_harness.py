@@ -51,6 +51,25 @@ def test_process_kind_names_the_module_after_dash_m():
     assert procfs.process_kind([]) == "?"
 
 
+def test_extension_modules_name_packages_and_stdlib_modules(tmp_path, monkeypatch):
+    maps = "\n".join([
+        "7f0000000000-7f0000001000 r-xp 00000000 fe:01 1 /venv/lib/python3.11/site-packages/cryptography/"
+        "hazmat/bindings/_rust.abi3.so",
+        "7f0000001000-7f0000002000 r-xp 00000000 fe:01 2 /venv/lib/python3.11/site-packages/"
+        "_cffi_backend.cpython-311-x86_64-linux-gnu.so",
+        "7f0000002000-7f0000003000 r-xp 00000000 fe:01 3 /venv/lib/python3.11/site-packages/pyzmq.libs/"
+        "libzmq-2f02442c.so.5.2.5",
+        "7f0000003000-7f0000004000 r-xp 00000000 fe:01 4 /usr/lib/python3.11/lib-dynload/"
+        "_ssl.cpython-311-x86_64-linux-gnu.so",
+        "7f0000004000-7f0000005000 r-xp 00000000 fe:01 5 /usr/lib/x86_64-linux-gnu/libc.so.6",
+        "7f0000005000-7f0000006000 rw-p 00000000 00:00 0 ",
+    ]) + "\n"
+    (tmp_path / "77").mkdir()
+    (tmp_path / "77" / "maps").write_text(maps)
+    monkeypatch.setattr(procfs, "PROC", tmp_path)
+    assert procfs.extension_modules(77) == ["_cffi_backend", "_ssl", "cryptography"]
+
+
 def test_tree_finds_a_child_and_a_grandchild_and_their_memory():
     # sh starts sleep as its child: a grandchild of this process.
     proc = subprocess.Popen(["sh", "-c", "sleep 30 & wait"])
