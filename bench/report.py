@@ -55,9 +55,12 @@ def why_missing(agent: dict, series: str) -> str:
     prefixes = {"starts": ("start",), "idle": ("start",), "latency": ("start", "latency"),
                 "messages": ("start", "messages"), "big": ("256 MiB",)}[series]
     for failure in agent["failures"]:
-        if failure.split(":", 1)[0].strip() in prefixes or failure.startswith(prefixes):
-            first = failure.splitlines()[0]
-            text = first if len(first) < 160 else first[:157] + "..."
+        if failure.startswith(prefixes):
+            # "<series>: <agent>: <what> (<figures>)": the what is enough here; the
+            # whole line is under "What did not run".
+            text = failure.splitlines()[0].split(": ", 1)[-1]
+            text = text.removeprefix(agent["label"] + ": ").split(" (", 1)[0].split("; ", 1)[0]
+            text = text if len(text) <= 100 else text[:97] + "..."
             return ("pending integration: " if agent["label"] == V2 else "failed: ") + text.replace("|", "\\|")
     return "not run"
 
@@ -95,6 +98,10 @@ def render(results: dict) -> str:
     w("Written by `bench/run` (see `bench/__main__.py`); do not edit by hand. A benchmark is not a test:")
     w("nothing here is asserted in `tests/`. Figures are medians of the timed runs (warm-ups excluded),")
     w("with (min–max, n); every ratio compares medians measured **in this same run**.")
+    w("")
+    w("Run it from the repository root after `scripts/bootstrap` (as root, as on a device: the broker and the "
+      "fetcher then run as their own users): `bench/run` (a few minutes; `--help` for the options, e.g. "
+      "`--upparat-src GITREF` to measure another branch's Upparat 2 with this rig).")
     w("")
     w("## This run")
     w("")

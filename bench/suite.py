@@ -274,7 +274,7 @@ class Bench:
             self.log(f"  {agent.label} idle PSS {res.idle['pss'] / 1024:.1f} MiB {res.idle['by_kind_pss']}")
         except AgentFailed as exc:
             res.failed("start", exc)
-            self.log(f"  {agent.label}: {exc}")
+            self.log(f"  {exc}")
             if not agent.alive():
                 res.leftovers += agent.stop()
                 return
