@@ -42,7 +42,7 @@ class Plan:
     starts: int = 5  # timed starts per agent (after one warm-up start)
     latency_jobs: int = 7  # 1 MiB jobs per agent (after one warm-up job)
     message_jobs: int = 3  # 100 MiB jobs per agent
-    big_rounds: int = 5  # 256 MiB rounds (after one warm-up round)
+    big_rounds: int = 7  # 256 MiB rounds (after one warm-up round)
     big_size: int = 256 * MIB
     message_size: int = 100 * MIB
     latency_size: int = 1 * MIB
@@ -317,6 +317,7 @@ class Bench:
                     if entry is None:
                         one = self.run_curl(name, plan.big_size)
                         one["warmup"] = round_no == 0
+                        one["round"] = round_no
                         curl.append(one)
                         label = "curl + sha256sum"
                     else:
@@ -330,6 +331,7 @@ class Bench:
                             self.log(f"  {agent.label} 256 MiB: {exc}")
                             continue
                         one["warmup"] = round_no == 0
+                        one["round"] = round_no
                         res.big.append(one)
                         label = agent.label
                     self.log(f"  round {round_no} {label}: {one['to_install_s']:.3f} s, cpu {one['cpu_s']:.2f} s, "

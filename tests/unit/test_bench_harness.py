@@ -118,7 +118,7 @@ def _results(v2_failure: str) -> dict:
     meta = {"date": "d", "command": "bench/run", "machine": machine, "load_before": "0 0 0", "load_after": "0 0 0",
             "plan": "p", "plan_raw": plan, "duration_s": 1.0, "sizes": {"big": 256 << 20},
             "versions": {"upparat2": "x", "upparat112": "y", "curl": "curl", "mosquitto": "m"}}
-    big = {"to_install_s": 2.0, "cpu_s": 0.5, "memory": {"peak": {"pss": 20480}, "growth_kib": 0}}
+    big = {"round": 1, "to_install_s": 2.0, "cpu_s": 0.5, "memory": {"peak": {"pss": 20480}, "growth_kib": 0}}
     old = {"label": "upparat 1.12", "ready_signal": "", "starts": [{"ready_s": 0.1, "notify_ready_s": None}],
            "idle": {"pss": 19000, "uss": 18000, "rss": 27000, "processes": 1, "by_kind_pss": {"upparat.cli": 19000}},
            "idle_before_big": None,
@@ -128,7 +128,7 @@ def _results(v2_failure: str) -> dict:
            "big": [big], "failures": [], "leftovers": []}
     new = {"label": "Upparat 2", "ready_signal": "", "starts": [], "idle": None, "idle_before_big": None,
            "latency": [], "messages": [], "big": [], "failures": [v2_failure], "leftovers": []}
-    return {"meta": meta, "curl": [{"to_install_s": 1.0, "cpu_s": 0.2, "memory": {"peak": {"pss": 6000}}}],
+    return {"meta": meta, "curl": [{"round": 1, "to_install_s": 1.0, "cpu_s": 0.2, "memory": {"peak": {"pss": 6000}}}],
             "agents": {"Upparat 2": new, "upparat 1.12": old},
             "imports": [{"label": "bare interpreter", "source": "checkout", "pss_kib": 5000, "rss_kib": 9000,
                          "uss_kib": 2000, "modules": 30, "notable": [], "error": None}]}
@@ -139,7 +139,13 @@ def test_report_marks_upparat2_pending_and_keeps_the_baselines():
     targets = text.split("## Targets", 1)[1].split("## 1.", 1)[0]
     assert targets.count("**pending integration**") == 4
     assert "| curl + sha256sum | 1.000 s" in text
-    assert "| upparat 1.12 | 2.000 s (2.000–2.000, n=1) | 0.50× |" in text
+    assert "| upparat 1.12 | 2.000 s (2.000–2.000, n=1) | 0.50× | 0.50× (0.50–0.50) |" in text
+
+
+def test_ratio_keeps_two_significant_digits_below_a_tenth():
+    assert report.ratio({"median": 4}, {"median": 1028}) == "0.0039×"
+    assert report.ratio({"median": 1}, {"median": 2}) == "0.50×"
+    assert report.ratio(None, {"median": 2}) == "–"
 
 
 def test_report_writes_only_sections_it_owns_and_keeps_the_others():
