@@ -162,6 +162,8 @@ def run(args, plan: Plan, wanted: set[str], workdir: Path, run_dir: Path, log, a
         for agent, res in agents:
             log(f"bench: {agent.label} alone: start-up, idle memory, 1 MiB latency, 100 MiB status messages")
             bench.agent_alone(agent, res, files)
+        results["hash_context"] = bench.hash_context(files["big"])
+        log(f"bench: hashing 256 MiB takes {results['hash_context']}")
         log("bench: 256 MiB rounds")
         bench.big_rounds(agents, results["curl"], files["big"])
     finally:

@@ -296,6 +296,26 @@ class Bench:
         finally:
             res.leftovers += agent.stop()
 
+    def hash_context(self, name: str) -> dict:
+        """CPU seconds to hash the 256 MiB file (warm cache) with coreutils'
+        sha256sum and with Python's hashlib (OpenSSL), for reading §2: the
+        baseline's hasher and the agents' may differ in speed on this CPU."""
+        path = self.rig.files_dir / name
+        out = {}
+        for key, argv in (("sha256sum", ["sha256sum", str(path)]),
+                          ("hashlib", [sys.executable, "-c", "import hashlib, sys\nh = hashlib.sha256()\n"
+                                       "with open(sys.argv[1], 'rb') as f:\n"
+                                       "    while b := f.read(1 << 20): h.update(b)", str(path)])):
+            best = None
+            for _ in range(3):
+                proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+                _, _, usage = os.wait4(proc.pid, 0)
+                proc.returncode = 0
+                cpu = usage.ru_utime + usage.ru_stime
+                best = cpu if best is None else min(best, cpu)
+            out[key] = best
+        return out
+
     def big_rounds(self, agents: list[tuple[Agent, AgentResults]], curl: list[dict], name: str) -> None:
         """256 MiB: curl and every agent that could start, in rotating order."""
         plan = self.plan
