@@ -252,3 +252,13 @@ def test_stop_ends_a_stall_at_once(tmp_path):
         fs.stop()
         assert resp.raw.read() == DATA[10:]  # would time out after 5 s if the stall went on
     assert time.monotonic() - started < 3
+
+
+def test_plan_gives_each_next_request_its_own_faults(served):
+    from upparat.devtools.fileserver import Faults
+
+    served.plan = [Faults(fail_status=503), Faults(ignore_range=True)]
+    assert requests.get(url(served), timeout=5).status_code == 503
+    assert requests.get(url(served), headers={"Range": "bytes=10-"}, timeout=5).status_code == 200
+    assert requests.get(url(served), headers={"Range": "bytes=10-"}, timeout=5).status_code == 206
+    assert served.plan == []

@@ -15,7 +15,8 @@ outside ``directory`` (no ``..``, no symlink leading out). Bodies without a
 fault go out with sendfile(2), so a benchmark measures the client, not this
 server.
 
-``faults`` makes it misbehave on purpose for robustness tests (see Faults);
+``faults`` makes it misbehave on purpose for robustness tests (see Faults),
+and ``plan`` gives each of the next requests faults of its own;
 ``requests`` records every request seen as ``(path, range_header)``, and
 ``log`` the same with the If-Range header, the status and the body bytes
 sent so far (``bytes_sent`` adds them up).
@@ -109,6 +110,7 @@ class FileServer:
         self.port = port
         self.secret = secret if secret is not None else secrets.token_bytes(32)
         self.faults = Faults()
+        self.plan: list[Faults] = []  # faults for the next GET requests, one each, before ``faults`` applies
         self.requests: list[tuple[str, str | None]] = []
         self.log: list[Served] = []
         self._answers = 0
@@ -206,13 +208,19 @@ class FileServer:
             return None
         return real
 
-    def _record(self, path: str, range_header: str | None, if_range: str | None) -> "Served":
-        served = Served(path, range_header, if_range)
+    def _record(self, path: str, query: str, range_header: str | None, if_range: str | None) -> "Served":
+        served = Served(path, range_header, if_range, query)
         with self._lock:
             self.requests.append((path, range_header))
             self.log.append(served)
             self._answers += 1
         return served
+
+    def _take_faults(self) -> Faults | None:
+        with self._lock:
+            if self.plan:
+                return dataclasses.replace(self.plan.pop(0), times=None)
+        return self.faults._take(self._lock)
 
     def _answer_number(self) -> int:
         with self._lock:
@@ -232,6 +240,7 @@ class Served:
     path: str
     range: str | None
     if_range: str | None
+    query: str = ""
     status: int = 0
     bytes_sent: int = 0
 
@@ -271,8 +280,8 @@ class _Handler(BaseHTTPRequestHandler):
         raw_path = split.path
         range_header = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
-        served = fs._record(raw_path, range_header, if_range)
-        faults = fs.faults._take(fs._lock) if send_body else None
+        served = fs._record(raw_path, split.query, range_header, if_range)
+        faults = fs._take_faults() if send_body else None
 
         if faults and faults.delay_s:
             fs._stopping.wait(faults.delay_s)
