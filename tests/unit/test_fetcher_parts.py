@@ -185,3 +185,39 @@ def test_discard_says_what_it_could_not_delete(tmp_path):
     (downloads / "job-1.2.part").mkdir(parents=True)  # a directory: unlink fails
     problem = resume.discard(downloads, tmp_path, "job-1", 2)
     assert problem is not None and "job-1.2.part" in problem
+
+
+# -- the hash beside the stream ----------------------------------------------------------------------------
+
+def test_background_hash_equals_hashlib_and_copies_at_any_point():
+    import hashlib
+
+    from upparat.fetcher_proc.speed import BackgroundHash
+
+    chunks = [os.urandom(n) for n in (1, 70_000, 1 << 20, 5, 300_000)]
+    pipe = BackgroundHash(depth=2)
+    try:
+        for i, chunk in enumerate(chunks):
+            pipe.update(chunk)
+            assert pipe.copy().hexdigest() == hashlib.sha256(b"".join(chunks[: i + 1])).hexdigest()
+        pipe.reset()
+        pipe.update(b"abc")
+        assert pipe.hexdigest() == hashlib.sha256(b"abc").hexdigest()
+        start = hashlib.sha256(b"prefix")
+        pipe.reset(start)
+        pipe.update(b"rest")
+        assert pipe.hexdigest() == hashlib.sha256(b"prefixrest").hexdigest()
+    finally:
+        pipe.close()
+
+
+def test_background_hash_hands_an_error_to_the_stream():
+    from upparat.fetcher_proc.speed import BackgroundHash
+
+    pipe = BackgroundHash()
+    try:
+        pipe.update("not bytes")  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            pipe.sync()
+    finally:
+        pipe.close()

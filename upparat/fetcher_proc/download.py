@@ -47,7 +47,7 @@ from upparat.ipc import fetcher_protocol as fp, handoff
 from upparat.release import Release
 
 from . import resume
-from .speed import LowSpeed, Pace, RateMeter
+from .speed import BackgroundHash, LowSpeed, Pace, RateMeter
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,8 @@ class Download:
         self._message = "download starting"
 
         self._fd = -1
-        self._hash = hashlib.sha256()
-        self._offset = 0  # bytes in the partial file, all hashed
+        self._hash: BackgroundHash | None = None  # made by run(); its thread ends with it
+        self._offset = 0  # bytes in the partial file, all given to the hash
         self._received = 0  # body bytes this process received (for the low-speed window and rate)
         self._total: int | None = release.size
         self._etag: str | None = None
@@ -215,6 +215,7 @@ class Download:
     def run(self) -> None:
         watch = threading.Thread(target=self._watch, name=f"watch-{self.job_id}", daemon=True)
         watch.start()
+        self._hash = BackgroundHash()
         try:
             self.outcome = self._run()
         except Exception as exc:  # our own bug: in the log with its traceback, and on the job
@@ -223,6 +224,7 @@ class Download:
                                    clean_message(f"internal error in the fetcher: {type(exc).__name__}: {exc}"))
         finally:
             self._close_fd()
+            self._hash.close()
             self._done_watching.set()
             watch.join()
             if self._session is not None:
@@ -386,8 +388,8 @@ class Download:
             log.warning("job %s: the partial file does not match its record; starting over", self.job_id)
             self._truncate(0)
             return
+        self._hash.reset(digest)
         with self._lock:
-            self._hash = digest
             self._offset = self._synced = done
             self._etag = record.etag
             if self._total is None:
@@ -400,8 +402,8 @@ class Download:
         except OSError as exc:
             raise self._disk_failure(exc, "truncating the partial file") from None
         if offset == 0:
+            self._hash.reset()
             with self._lock:
-                self._hash = hashlib.sha256()
                 self._offset = self._synced = 0
                 self._etag = None
                 self._total = self.release.size

@@ -1,8 +1,12 @@
-"""Clock-driven pieces of a download, pure so that tests drive the clock:
-the low-speed detector, the rate meter and the pace of a rate limit."""
+"""The pieces of a download's speed: the clock-driven ones, pure so that
+tests drive the clock (the low-speed detector, the rate meter, the pace of
+a rate limit), and the hash that runs beside the stream."""
 
 from __future__ import annotations
 
+import hashlib
+import queue
+import threading
 from collections import deque
 
 
@@ -80,3 +84,56 @@ class Pace:
         if self.rate <= 0:
             return largest
         return max(4096, min(largest, self.rate // 10))
+
+
+class BackgroundHash:
+    """sha256 of a stream, computed by a thread of its own: hashlib releases
+    the GIL, so hashing one chunk overlaps with receiving and writing the
+    next (about a fifth faster over a fast link, bench/fetch_speed.py
+    --approaches). At most ``depth`` chunks wait, so memory stays bounded.
+    ``copy()`` and ``reset()`` first wait until every chunk given is hashed.
+    """
+
+    def __init__(self, depth: int = 4):
+        self._digest = hashlib.sha256()
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            try:
+                if chunk is None:
+                    return
+                if self._error is None:
+                    self._digest.update(chunk)
+            except BaseException as exc:  # noqa: BLE001 - handed to the stream's thread by sync()
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def sync(self) -> None:
+        self._queue.join()
+        if self._error is not None:
+            raise self._error
+
+    def copy(self):
+        self.sync()
+        return self._digest.copy()
+
+    def hexdigest(self) -> str:
+        return self.copy().hexdigest()
+
+    def reset(self, digest=None) -> None:
+        """Start again from ``digest`` (a hashlib sha256 object) or from nothing."""
+        self.sync()
+        self._digest = digest if digest is not None else hashlib.sha256()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
