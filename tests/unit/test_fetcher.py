@@ -750,3 +750,17 @@ def test_reads_are_bounded_whatever_the_file_size(fetcher, server, monkeypatch):
     f.handle(fetch(url_of(server)), b"peer")
     assert wait_final(f).state == fp.DONE
     assert sizes and all(size is not None and 0 < size <= download_mod.READ_SIZE for size in sizes)
+
+
+def test_a_proxy_from_the_standard_environment_variables_is_used(fetcher, server, dirs, monkeypatch):
+    # The FileServer answers absolute-URI requests too, as an HTTP proxy receives them; the
+    # object's own host does not exist, so only a request through the proxy can succeed.
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.base_url)
+    unreachable = url_of(server).replace(server.base_url, "http://bucket.s3.example.invalid")
+    f = fetcher()
+    f.handle(fetch(unreachable), b"peer")
+    status = wait_final(f)
+    assert status.state == fp.DONE, status.message
+    assert server.requests == [("/fw.bin", None)]

@@ -94,8 +94,12 @@ def main() -> int:
     wakeup = Wakeup()
     policy = verify.Policy(allow_unsigned=cfg.verification.allow_unsigned,
                            require_sha256=cfg.verification.require_sha256)
-    fetcher = Fetcher(layout.download_dir, layout.fetcher_state_dir, keys, policy, Limits.from_config(cfg.service),
-                      notify=wakeup)
+    limits = Limits.from_config(cfg.service)
+    if 0 < limits.rate_limit < limits.low_speed_limit:
+        log.warning("[service] download_rate_limit (%d bytes/s) is below low_speed_limit (%d bytes/s): every "
+                    "download will be taken for stalled; lower low_speed_limit", limits.rate_limit,
+                    limits.low_speed_limit)
+    fetcher = Fetcher(layout.download_dir, layout.fetcher_state_dir, keys, policy, limits, notify=wakeup)
     zctx = zmq.Context()
     server = wire.Server(zctx, layout.fetcher_socket, fp.REQUESTS, fetcher.handle, "fetcher",
                          on_bound=open_to_broker_group)
