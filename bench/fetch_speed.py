@@ -12,6 +12,7 @@ order in every round:
 
 - curl + sha256sum: ``sh -c 'curl -s -o F URL && sha256sum F'``, wall time
   and CPU seconds of the shell and its children (getrusage of children);
+  and, for context, ``curl -s -o F URL`` and ``sha256sum F`` alone;
 - the fetcher: from sending ``fetch`` to receiving the pushed ``done``
   (download, sha256 while streaming, size check, fsync, rename), wall time and
   the fetcher's CPU seconds (/proc/PID/stat), over its socket as the broker
@@ -97,16 +98,24 @@ def vm_hwm(pid: int) -> int:
     return 0
 
 
-def time_curl(url: str, out: Path, sha256: str) -> tuple[float, float]:
+def time_curl(url: str, out: Path, sha256: str | None) -> tuple[float, float]:
+    """curl + sha256sum, or with ``sha256`` None curl alone (for context)."""
+    script = 'curl -s -o "$1" "$2" && sha256sum "$1"' if sha256 else 'curl -s -o "$1" "$2"'
     cpu = children_cpu()
     started = time.perf_counter()
-    done = subprocess.run(["sh", "-c", 'curl -s -o "$1" "$2" && sha256sum "$1"', "sh", str(out), url],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(["sh", "-c", script, "sh", str(out), url], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - started
-    if done.stdout.split()[0] != sha256:
+    if sha256 and done.stdout.split()[0] != sha256:
         raise SystemExit("curl fetched something else")
     out.unlink()
     return wall, children_cpu() - cpu
+
+
+def time_sha256sum(path: Path) -> tuple[float, float]:
+    cpu = children_cpu()
+    started = time.perf_counter()
+    subprocess.run(["sha256sum", str(path)], capture_output=True, check=True)
+    return time.perf_counter() - started, children_cpu() - cpu
 
 
 class Broker:
@@ -290,7 +299,7 @@ def main() -> int:
         time_curl(url, work / "warm.bin", sha256)  # warm up: page cache, first connections
         time_fetcher(broker, proc.pid, url, release, "warmup")
 
-        curl, fetcher = [], []
+        curl, fetcher, curl_alone, sha_alone = [], [], [], []
         for run in range(args.runs):
             order = [0, 1] if run % 2 == 0 else [1, 0]
             for which in order:
@@ -299,6 +308,9 @@ def main() -> int:
                     curl.append(time_curl(url, work / "curl.bin", sha256))
                 else:
                     fetcher.append(time_fetcher(broker, proc.pid, url, release, f"run-{run}"))
+            os.sync()
+            curl_alone.append(time_curl(url, work / "curl.bin", None))
+            sha_alone.append(time_sha256sum(work / "srv" / "image.bin"))
         peak = vm_hwm(proc.pid)
         approaches = compare_approaches(url, work, sha256, args.runs) if args.approaches else []
     finally:
@@ -314,6 +326,10 @@ def main() -> int:
     curl_cpu = statistics.median(c for _, c in curl)
     fetch_wall = statistics.median(w for w, _ in fetcher)
     fetch_cpu = statistics.median(c for _, c in fetcher)
+    alone_wall = statistics.median(w for w, _ in curl_alone)
+    alone_cpu = statistics.median(c for _, c in curl_alone)
+    sha_wall = statistics.median(w for w, _ in sha_alone)
+    sha_cpu = statistics.median(c for _, c in sha_alone)
     per_gib = GiB / size
     command = " ".join(["bench/fetch_speed.py"] + sys.argv[1:])
     lines = [
@@ -323,7 +339,7 @@ def main() -> int:
         f"{'root (the fetcher as upparat-fetch)' if os.geteuid() == 0 else 'user ' + str(os.getuid())}.",
         f"Machine: {machine()}.",
         f"{args.size_mib} MiB over loopback from the local FileServer (sendfile), median of {args.runs} runs, "
-        "alternating which goes first; the machine was shared with other work, so figures vary by some 10 %.",
+        "alternating which goes first, on a machine shared with other work.",
         "",
         "| | wall s | MiB/s | CPU s | CPU s per GiB |",
         "|---|---|---|---|---|",
@@ -331,6 +347,10 @@ def main() -> int:
         f"| {curl_cpu * per_gib:.2f} |",
         f"| fetcher: fetch -> pushed done (sha256 while streaming, fsync, rename) | {fetch_wall:.3f} "
         f"| {size / MiB / fetch_wall:.0f} | {fetch_cpu:.3f} | {fetch_cpu * per_gib:.2f} |",
+        f"| for context, curl -s -o f URL alone (verifies nothing) | {alone_wall:.3f} "
+        f"| {size / MiB / alone_wall:.0f} | {alone_cpu:.3f} | {alone_cpu * per_gib:.2f} |",
+        f"| for context, sha256sum alone (file in the page cache) | {sha_wall:.3f} "
+        f"| {size / MiB / sha_wall:.0f} | {sha_cpu:.3f} | {sha_cpu * per_gib:.2f} |",
         "",
         f"Speed ratio (curl+sha256sum time / fetcher time): **{curl_wall / fetch_wall:.2f}x**. "
         f"Fetcher peak resident memory: {peak / MiB:.0f} MiB.",
@@ -339,6 +359,10 @@ def main() -> int:
         + "; fetcher " + ", ".join(f"{w:.3f}/{c:.2f}" for w, c in fetcher) + ".",
         "",
     ]
+    if "page_reporting" in open("/proc/cmdline").read():
+        lines += ["This machine is a VM that reports free memory to its host: memory that one run freed (a "
+                  "deleted 256 MiB file) is faulted back in by the next, which shows as system time and makes "
+                  "single runs vary by up to 2x; the medians and all runs are given.", ""]
     if approaches:
         lines += ["Ways of reading a body, compared in one process (same server, same file):", ""] + approaches + [""]
     section = "\n".join(lines)
