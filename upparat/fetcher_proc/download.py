@@ -628,6 +628,8 @@ class Download:
                                  f"({type(exc).__name__})") from None
             if not chunk:
                 break
+            if self._stop_reason is not None:  # also when the socket could not be cut
+                self._check_stop()
             n = len(chunk)
             if self._offset + n > limit:
                 self._check_stop()
