@@ -763,3 +763,37 @@ def test_a_proxy_from_the_standard_environment_variables_is_used(fetcher, server
     status = wait_final(f)
     assert status.state == fp.DONE, status.message
     assert server.requests == [("/fw.bin", None)]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """Mount a small tmpfs (root only); yields a function mounting one at a path."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def mount(path: Path, size: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_staging_file_system_without_room_for_the_copy_fails_before_a_request(dirs, server, tmp_path,
+                                                                                small_tmpfs):
+    staging = small_tmpfs(tmp_path / "staging", "256k")
+    f = Fetcher(dirs[0], dirs[1], [], UNSIGNED, FAST, staging_dir=staging)
+    f.handle(fetch(url_of(server)), b"peer")
+    status = wait_final(f)
+    assert (status.state, status.failure) == (fp.FAILED, "insufficient_disk_space")
+    assert str(staging) in status.message and "another file system" in status.message
+    assert server.requests == []

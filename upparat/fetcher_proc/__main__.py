@@ -99,7 +99,8 @@ def main() -> int:
         log.warning("[service] download_rate_limit (%d bytes/s) is below low_speed_limit (%d bytes/s): every "
                     "download will be taken for stalled; lower low_speed_limit", limits.rate_limit,
                     limits.low_speed_limit)
-    fetcher = Fetcher(layout.download_dir, layout.fetcher_state_dir, keys, policy, limits, notify=wakeup)
+    fetcher = Fetcher(layout.download_dir, layout.fetcher_state_dir, keys, policy, limits, notify=wakeup,
+                      staging_dir=layout.staging_dir)
     zctx = zmq.Context()
     server = wire.Server(zctx, layout.fetcher_socket, fp.REQUESTS, fetcher.handle, "fetcher",
                          on_bound=open_to_broker_group)

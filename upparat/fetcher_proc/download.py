@@ -151,12 +151,14 @@ class Progress:
 class Download:
     def __init__(self, job_id: str, execution: int, url: str, release: Release, download_dir: Path,
                  state_dir: Path, limits: Limits, notify: Callable[[], None] = lambda: None,
-                 session: requests.Session | None = None, clock: Callable[[], float] = time.monotonic):
+                 session: requests.Session | None = None, clock: Callable[[], float] = time.monotonic,
+                 staging_dir: Path | None = None):
         self.job_id = job_id
         self.execution = execution
         self.release = release
         self.download_dir = Path(download_dir)
         self.state_dir = Path(state_dir)
+        self.staging_dir = Path(staging_dir) if staging_dir is not None else None
         self.part = self.download_dir / handoff.part_name(job_id, execution)
         self.final = self.download_dir / handoff.final_name(job_id, execution)
         self.limits = limits
@@ -452,6 +454,26 @@ class Download:
             raise Failed("insufficient_disk_space",
                          f"the download needs {needed} more bytes ({mib(needed)}) in {self.download_dir}, "
                          f"but only {free} bytes ({mib(free)}) are free there")
+        staging_free = self._staging_free_elsewhere()
+        if staging_free is not None and staging_free < total:
+            raise Failed("insufficient_disk_space",
+                         f"the installer will need {total} bytes ({mib(total)}) in {self.staging_dir}, another file "
+                         f"system than the downloads (so it copies), but only {staging_free} bytes "
+                         f"({mib(staging_free)}) are free there")
+
+    def _staging_free_elsewhere(self) -> int | None:
+        """Free bytes (for root) of the staging file system when it is not the
+        download's: the installer then copies instead of taking the file over.
+        None when it is the same, or cannot be seen from here (only metadata is read)."""
+        if self.staging_dir is None:
+            return None
+        try:
+            if os.stat(self.staging_dir).st_dev == os.stat(self.download_dir).st_dev:
+                return None
+            st = os.statvfs(self.staging_dir)
+        except OSError:
+            return None
+        return st.f_bfree * st.f_frsize
 
     # -- HTTP -------------------------------------------------------------------------
     def _download(self) -> None:

@@ -91,9 +91,10 @@ class Entry:
 class Fetcher:
     def __init__(self, download_dir: Path, state_dir: Path, keys: list, policy: verify.Policy, limits: Limits,
                  notify: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic,
-                 session_factory: Callable | None = None):
+                 session_factory: Callable | None = None, staging_dir: Path | None = None):
         self.download_dir = Path(download_dir)
         self.state_dir = Path(state_dir)
+        self.staging_dir = staging_dir  # only its free space is looked at
         self.keys = keys
         self.policy = policy
         self.limits = limits
@@ -170,7 +171,8 @@ class Fetcher:
         self._discard_others(key)
         download = Download(request.job_id, request.execution, request.url, request.release, self.download_dir,
                             self.state_dir, self.limits, notify=self._notify, clock=self._clock,
-                            session=self._session_factory() if self._session_factory else None)
+                            session=self._session_factory() if self._session_factory else None,
+                            staging_dir=self.staging_dir)
         entry.download = download
         entry.thread = threading.Thread(target=download.run, name=f"download-{request.job_id}", daemon=True)
         log.info("job %s execution %d: fetching %s", request.job_id, request.execution, describe_url(request.url))
