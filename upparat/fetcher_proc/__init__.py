@@ -44,7 +44,8 @@ Promises:
   abort of ``[service] low_speed_limit``/``low_speed_time``, then a resume
   with Range; at most 5 failed attempts in a row and 30 in all; the overall
   ``download_timeout``); disk (``max_file_size``; the free space for the rest
-  of the file is checked before its first byte is written).
+  of the file is checked before its first byte is written, and, when staging
+  is on another file system, room there for the installer's copy).
 - Resumes across its own restarts and device restarts from the partial file
   and its record, re-hashing the checkpointed bytes; a corrupt or foreign
   record means starting over, never a crash.
