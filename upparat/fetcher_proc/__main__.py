@@ -133,10 +133,12 @@ def serve(ctx: launch.ChildContext, server: wire.Server, fetcher: Fetcher, wakeu
             wakeup.drain()
         if sock in events:
             server.serve_ready()
-            if server.sock is not sock:  # the memory guard re-bound the socket
-                poller.unregister(sock)
-                sock = server.sock
-                poller.register(sock, zmq.POLLIN)
+        # Every iteration: a never-finished multi-frame message never makes the socket readable.
+        server.guard_memory()
+        if server.sock is not sock:  # the memory guard re-bound the socket
+            poller.unregister(sock)
+            sock = server.sock
+            poller.register(sock, zmq.POLLIN)
         for peer, message in fetcher.outgoing(time.monotonic()):
             server.push(peer if peer is not None else server.last_peer, message)
         beat(ctx, fetcher)
