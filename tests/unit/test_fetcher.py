@@ -24,7 +24,7 @@ from tests.support import free_port, poll_for
 
 DATA = os.urandom(700 * 1024 + 123)  # several reads, not a multiple of any
 SHA = hashlib.sha256(DATA).hexdigest()
-FAST = Limits(max_file_size=2**40, download_timeout=60, low_speed_limit=1, low_speed_time=1, rate_limit=0,
+FAST = Limits(max_file_size=2**40, download_timeout=60, low_speed_limit=1, low_speed_time=5, rate_limit=0,
               connect_timeout=2, backoff_s=0.02, backoff_max_s=0.1)
 UNSIGNED = verify.Policy(allow_unsigned=True)
 PART = handoff.part_name("job-1", 1)
