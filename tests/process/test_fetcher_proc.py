@@ -30,12 +30,12 @@ MiB = 1024 * 1024
 DATA = os.urandom(4 * MiB + 12345)
 SHA = hashlib.sha256(DATA).hexdigest()
 
-def config_text(service: str = "") -> str:
+def config_text(service: str = "", allow_unsigned: bool = True) -> str:
     """``service``: more [service] lines. A stall is detected within 10 s, not 30 (the
     stall test sets 2 s; shorter in every test would take a busy CI machine for a stall)."""
     if "low_speed_time" not in service:
         service = "low_speed_time = 10\n" + service
-    return f"[service]\n{service}[verification]\nallow_unsigned = true\n"
+    return f"[service]\n{service}[verification]\nallow_unsigned = {str(allow_unsigned).lower()}\n"
 PART = handoff.part_name("job-1", 1)
 FINAL = handoff.final_name("job-1", 1)
 
@@ -93,10 +93,11 @@ class Rig:
         self.mounts: list[Path] = []
         self.starts = 0
 
-    def start(self, service: str = "") -> Proc:
+    def start(self, service: str = "", public_keys_pem: tuple[str, ...] = ()) -> Proc:
         self.starts += 1
-        self.proc = start_child_process("fetcher", config_text(service), self.layout, self.ids,
-                                        self.base / f"fetcher-{self.starts}.log")
+        self.proc = start_child_process("fetcher", config_text(service, allow_unsigned=not public_keys_pem),
+                                        self.layout, self.ids, self.base / f"fetcher-{self.starts}.log",
+                                        public_keys_pem=public_keys_pem)
         broker = self.broker()
         proc = self.proc
         poll_for(lambda: proc.alive() or pytest.fail(f"the fetcher exited {proc.popen.returncode}:\n{proc.log()}"),
@@ -190,6 +191,28 @@ def test_fetches_verifies_renames_and_pushes_done(running):
         assert st.st_uid == r.ids.fetcher_uid
     query = broker.ask(fp.QueryFetch(seq=broker.next_seq(), job_id="job-1", execution=1))
     assert query.state == fp.DONE
+    with open(f"/proc/{r.proc.pid}/maps") as fh:  # no keys configured: cryptography never loaded
+        assert "cryptography" not in fh.read()
+
+
+def test_with_keys_a_signed_release_is_fetched_and_an_unsigned_one_refused_before_a_request(rig):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from upparat import signature
+
+    private = ed25519.Ed25519PrivateKey.generate()
+    pem = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    rig.start(public_keys_pem=(pem,))
+    broker = rig.brokers[0]
+    unsigned = rig.fetch(broker)
+    assert (unsigned.state, unsigned.failure) == (fp.FAILED, "verification_failed")
+    assert rig.fs.requests == []
+    release = Release(version="1.0", sha256=SHA, size=len(DATA))
+    signed = Release(version="1.0", sha256=SHA, size=len(DATA), signature=signature.sign(private, release))
+    broker.ask(fp.Fetch(seq=broker.next_seq(), job_id="job-2", execution=1, url=rig.url(), release=signed))
+    assert broker.wait_end("job-2", 1).state == fp.DONE
 
 
 def test_the_socket_is_open_to_the_broker_group_only(running):
