@@ -1,7 +1,8 @@
 """A local stand-in for S3 presigned URLs, for the demo and the tests.
 
 ``FileServer(directory).start()`` serves the files under ``directory`` over
-plain HTTP on 127.0.0.1 (threaded stdlib http.server). ``presign(s3_url)``
+plain HTTP on 127.0.0.1 (threaded stdlib http.server), or HTTPS with
+``tls=(certificate, key)``. ``presign(s3_url)``
 maps any ``https://<bucket-host>/<key>`` to a local URL carrying
 ``X-Amz-Expires``, ``X-Amz-Date`` and an HMAC ``X-Amz-Signature``, so that an
 expired or tampered URL is answered like S3 answers it: 403 with S3's XML.
@@ -31,6 +32,7 @@ import os
 import re
 import secrets
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -104,10 +106,12 @@ def _error_xml(code: str, message: str, resource: str) -> bytes:
 
 
 class FileServer:
-    def __init__(self, directory: Path, host: str = "127.0.0.1", port: int = 0, secret: bytes | None = None):
+    def __init__(self, directory: Path, host: str = "127.0.0.1", port: int = 0, secret: bytes | None = None,
+                 tls: tuple[Path, Path] | None = None):
         self.directory = Path(directory).resolve()
         self.host = host
         self.port = port
+        self.tls = tls  # (certificate, key) PEM files: serve HTTPS
         self.secret = secret if secret is not None else secrets.token_bytes(32)
         self.faults = Faults()
         self.plan: list[Faults] = []  # faults for the next GET requests, one each, before ``faults`` applies
@@ -128,6 +132,10 @@ class FileServer:
             fileserver = server
 
         self._httpd = _Server((self.host, self.port), Handler)
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*map(str, self.tls))
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fileserver", daemon=True)
@@ -152,7 +160,7 @@ class FileServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     # -- URLs --------------------------------------------------------------
     def _signature(self, path: str, expires: str, date: str) -> str:
