@@ -797,3 +797,56 @@ def test_a_staging_file_system_without_room_for_the_copy_fails_before_a_request(
     assert (status.state, status.failure) == (fp.FAILED, "insufficient_disk_space")
     assert str(staging) in status.message and "another file system" in status.message
     assert server.requests == []
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_over_tls_a_stall_is_cut_and_resumed_and_a_cancel_ends_a_stalled_read_at_once(dirs, tmp_path, monkeypatch):
+    cert, key = _self_signed(tmp_path)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))  # trust this server, the standard way
+    bucket = tmp_path / "tls-bucket"
+    bucket.mkdir()
+    (bucket / "fw.bin").write_bytes(DATA)
+    tls_server = FileServer(bucket, tls=(cert, key)).start()
+    try:
+        assert tls_server.base_url.startswith("https://")
+        tls_server.plan = [Faults(stall_after=300_000, stall_s=60)]
+        f = Fetcher(dirs[0], dirs[1], [], UNSIGNED, Limits(**(FAST.__dict__ | {"low_speed_time": 1})))
+        f.handle(fetch(url_of(tls_server)), b"peer")
+        assert wait_final(f, timeout=20).state == fp.DONE
+        assert [s.range for s in tls_server.log] == [None, "bytes=300000-"]
+
+        tls_server.plan = [Faults(stall_after=200_000, stall_s=60)]
+        f.handle(fetch(url_of(tls_server), execution=2), b"peer")
+        poll_for(lambda: query(f, execution=2).bytes_done >= 200_000, 5, what="the first bytes")
+        started = time.monotonic()
+        assert f.handle(fp.CancelFetch(seq=5, job_id="job-1", execution=2), b"peer") is None
+        poll_for(lambda: [m for _, m in f.outgoing(time.monotonic()) if m.seq == 5], 5, what="the answer")
+        assert time.monotonic() - started < 1.0
+        f.shutdown()
+    finally:
+        tls_server.stop()
