@@ -135,11 +135,11 @@ class Problem:
         problem = cls(level, logger, message, traceback)
         # Multi-byte characters may still make the line too long: shrink until it fits.
         while len(encode_problem(problem)) > MAX_LINE:
-            if problem.traceback:
+            if len(problem.message.encode()) > MAX_LINE // 4 or not problem.traceback:
+                problem = dataclasses.replace(problem, message=problem.message[: len(problem.message) * 3 // 4])
+            else:
                 cut = problem.traceback[len(problem.traceback) // 4 + 1:]
                 problem = dataclasses.replace(problem, traceback=cut or None)
-            else:
-                problem = dataclasses.replace(problem, message=problem.message[: len(problem.message) * 3 // 4])
         return problem
 
 
@@ -243,3 +243,36 @@ class LineBuffer:
                 out.append(StatusError(f"line longer than {self.max_line - 1} bytes"))
                 continue
             out.append(line)
+
+
+# -- supervisor -> Sentry relay --------------------------------------------------
+#
+# With [service] sentry set, the supervisor starts an unprivileged relay
+# (upparat.relay_proc) and writes to its stdin one hello line, then the
+# Problem lines of the root processes (with ``role`` set). The input comes
+# from root, but it is decoded the same way.
+
+
+@dataclass(frozen=True)
+class RelayHello:
+    dsn: str
+    thing_name: str
+    verbose: bool = False
+
+    def encode(self) -> bytes:
+        return safejson.dumps({"v": VERSION, "type": "hello", "dsn": self.dsn, "thing_name": self.thing_name,
+                               "verbose": self.verbose}) + b"\n"
+
+    @classmethod
+    def decode(cls, line: bytes) -> "RelayHello":
+        try:
+            body = safejson.loads(line, max_bytes=MAX_LINE, max_depth=1, max_string=2048, max_items=16)
+        except safejson.BadJson as exc:
+            raise StatusError(str(exc)) from None
+        if not isinstance(body, dict) or body.get("v") != VERSION or body.get("type") != "hello":
+            raise StatusError(f"not a version {VERSION} hello")
+        _only(body, {"v", "type", "dsn", "thing_name", "verbose"})
+        dsn, thing, verbose = body.get("dsn"), body.get("thing_name"), body.get("verbose")
+        if not isinstance(dsn, str) or not dsn or not isinstance(thing, str) or not isinstance(verbose, bool):
+            raise StatusError("hello needs dsn, thing_name and verbose")
+        return cls(dsn, thing, verbose)
