@@ -66,7 +66,14 @@ from pathlib import Path
 
 from upparat import codes, config as config_mod, launch, safejson, trust
 from upparat.ipc import status as status_ipc
-from upparat.ipc.settings import ChildSettings, Identities, Layout, resolve_identities, resolve_layout
+from upparat.ipc.settings import (
+    STANDALONE_TMPDIR,
+    ChildSettings,
+    Identities,
+    Layout,
+    resolve_identities,
+    resolve_layout,
+)
 from upparat.supervision import ChildMachine, Policy, State
 
 log = logging.getLogger("upparat.supervisor")
@@ -344,15 +351,18 @@ class Settings:
     files: RootFiles
 
 
-def load_settings(path: str, thing_name: str | None) -> Settings:
-    """Read and check everything; raises ConfigError. Creates the directories."""
+def load_settings(path: str, thing_name: str | None, tmpdir: str | None = None) -> Settings:
+    """Read and check everything; raises ConfigError. Creates the directories.
+
+    ``tmpdir``: STANDALONE_TMPDIR for the per-process units (what their
+    children compute); the supervisor looks up the system temp dir."""
     cfg, text = config_mod.load(path)
     if thing_name:
         cfg = cfg.replace_thing_name(thing_name)
     ids = current_identities(cfg)
     if ids.separated:
         check_config_owner(path)
-    layout = resolve_layout(cfg, tempfile.gettempdir())  # the one place the temp dir is looked up
+    layout = resolve_layout(cfg, tmpdir or tempfile.gettempdir())  # the one place the temp dir is looked up
     files = read_root_files(cfg)
     prepare_directories(layout, ids)
     return Settings(cfg, text, path, layout, ids, files)
@@ -1010,6 +1020,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-c", "--config-file", required=True, metavar="CONFIG", help="INI configuration file")
     parser.add_argument("-v", "--verbose", action="store_true", help="log level DEBUG")
     parser.add_argument("-t", "--thing-name", help="AWS IoT thing name (overrides [broker] thing_name)")
+    parser.add_argument("--prepare-directories", action="store_true",
+                        help="per-process systemd units (ExecStartPre=+): check the configuration, create "
+                             "every directory as the standalone children expect it, and exit")
     return parser.parse_args(argv)
 
 
@@ -1033,7 +1046,11 @@ def main(argv: list[str] | None = None) -> int:
     launch.setup_logging("supervisor", logging.DEBUG if args.verbose else logging.INFO)
     os.umask(0o022)
     try:
-        settings = load_settings(args.config_file, args.thing_name)
+        settings = load_settings(args.config_file, args.thing_name,
+                                 STANDALONE_TMPDIR if args.prepare_directories else None)
+        if args.prepare_directories:
+            log.info("configuration checked; directories ready under %s", settings.layout.runtime_dir)
+            return codes.EXIT_OK
     except config_mod.ConfigError as exc:
         print(f"upparat-supervisor[{os.getpid()}]: configuration error: {exc}", file=sys.stderr)
         return codes.EXIT_USAGE
