@@ -285,7 +285,14 @@ def standalone_settings(name: str, config_path: str, verbose: bool, thing_name: 
     tls = {}
     keys: tuple[str, ...] = ()
     if name == "broker":
-        tls = {k: Path(p).read_text() for k in ("cafile", "certfile", "keyfile") if (p := getattr(cfg.broker, k))}
+        # Per-process units hand root-only TLS files over as systemd credentials
+        # (LoadCredential=cafile:..., certfile, keyfile); they win over the paths.
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        for key in ("cafile", "certfile", "keyfile"):
+            if creds and os.path.isfile(os.path.join(creds, key)):
+                tls[key] = Path(creds, key).read_text()
+            elif getattr(cfg.broker, key):
+                tls[key] = Path(getattr(cfg.broker, key)).read_text()
     if name in ("fetcher", "installer"):
         keys = tuple(p.read_text() for p in cfg.verification.public_keys)
     return ChildSettings(role=name, config_text=text, config_path=config_path, verbose=verbose,
