@@ -263,7 +263,13 @@ def standalone_settings(name: str, config_path: str, verbose: bool, thing_name: 
     """What the supervisor would have sent, computed the same way (per-process
     systemd units): the same functions, fixed inputs, never this process's
     uid or environment for a path."""
-    cfg, text = config_mod.load(config_path)
+    if config_path == "-":
+        # Per-process units: systemd opens the root-only file as root and hands
+        # it over as stdin (StandardInput=file:...), so it stays 0600.
+        text = sys.stdin.read(MAX_ENVELOPE + 1)
+        cfg = config_mod.parse(text, "<stdin>", check_files=True)
+    else:
+        cfg, text = config_mod.load(config_path)
     if thing_name:
         cfg = cfg.replace_thing_name(thing_name)
     layout = resolve_layout(cfg, STANDALONE_TMPDIR)
