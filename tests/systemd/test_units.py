@@ -27,12 +27,12 @@ import pytest
 
 from tests.support import REPO, poll_for
 from tests.systemd import machine as machine_mod
+from upparat.devtools.sandbox import THING as SANDBOX_THING
 
 UNITS = ("upparat.service", "upparat-broker.service", "upparat-fetcher.service", "upparat-installer.service")
 PER_PROCESS = ("upparat-installer.service", "upparat-fetcher.service", "upparat-broker.service")
 EXPOSURE_LIMITS = {"upparat-broker.service": 2.0, "upparat-fetcher.service": 2.0,
                    "upparat-installer.service": 5.0, "upparat.service": 5.0}
-THING = "upparat-systemd-test"
 JOB_TIMEOUT = 90.0
 
 
@@ -91,10 +91,34 @@ systemctl daemon-reload
 """
 
 
+# UPPARAT_SYSTEMD_STUB_CHILDREN=1: replace the three children in the machine by
+# stand-ins that start like them (launch.start_child) and only beat, to check
+# the units' mechanics while the real children are being rewritten. The job
+# tests then fail, everything else must pass.
+STUB_CHILD = """import sys
+from upparat import codes, launch, signature
+ROLE = {role!r}
+ctx = launch.start_child(ROLE, unprivileged=ROLE != "installer")
+if ROLE == "installer":
+    try:
+        signature.load_public_keys(list(ctx.public_keys_pem))
+    except signature.UnusableKey as exc:
+        print("upparat-installer: configuration error: [verification] public_keys:", exc, file=sys.stderr)
+        sys.exit(codes.EXIT_USAGE)
+while not ctx.stop.is_set():
+    ctx.heartbeat.beat(subscribed=True)
+    ctx.stop.wait(0.5)
+"""
+STUB_INSTALL = r"""
+site=$(/opt/upparat/bin/python -c 'import upparat, os; print(os.path.dirname(upparat.__file__))')
+for role in broker fetcher installer; do cp /root/install/stub_$role.py $site/${role}_proc/__main__.py; done
+"""
+
+
 def seed_config(mqtt_port: int) -> str:
     hooks = "\n".join(f"{name} = /usr/lib/upparat/hooks/{name}" for name in HOOKS)
     return (f"[service]\nlog_level = DEBUG\n\n[broker]\nhost = 127.0.0.1\nport = {mqtt_port}\n"
-            f"thing_name = {THING}\n\n[hooks]\n{hooks}\nretry_interval = 1\nmax_retries = 3\n\n"
+            f"thing_name = {SANDBOX_THING}\n\n[hooks]\n{hooks}\nretry_interval = 1\nmax_retries = 3\n\n"
             "[verification]\npublic_keys = /etc/upparat/keys/release.pub\n")
 
 
@@ -161,8 +185,11 @@ def setup(tmp_path_factory):
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         (install / "upparat.conf").write_text(seed_config(sandbox.mqtt_port))
         shutil.copytree(REPO / "systemd", install / "systemd")
+        stubs = os.environ.get("UPPARAT_SYSTEMD_STUB_CHILDREN") == "1"
+        for role in ("broker", "fetcher", "installer"):
+            (install / f"stub_{role}.py").write_text(STUB_CHILD.format(role=role))
         machine.boot()
-        machine.sh(INSTALL, timeout=600)
+        machine.sh(INSTALL + (STUB_INSTALL if stubs else ""), timeout=600)
         yield Setup(machine, sandbox, key)
     finally:
         if os.environ.get("UPPARAT_TEST_LOGS") and machine.pid:
@@ -214,7 +241,7 @@ def test_per_process_mode_runs_as_two_users_in_their_sandboxes(setup):
         assert props["PrivateTmp"] == "yes" and props["NoNewPrivileges"] == "yes"
         assert props["SyslogIdentifier"] == unit.removesuffix(".service")
         if unit == "upparat-installer.service":
-            assert props["RestrictAddressFamilies"] == "AF_UNIX AF_NETLINK" and props["IPAddressDeny"]
+            assert set(props["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_NETLINK"} and props["IPAddressDeny"]
         else:
             assert props["ProtectSystem"] == "strict"
     # The default layout, made by the units' prepare step as the supervisor would.
@@ -255,8 +282,14 @@ def test_starting_supervisor_mode_stops_per_process_mode_first(setup):
     # Each child's lines are found by its own identifier, and name their process.
     broker_lines = setup.journal("-t", "upparat-broker", "_SYSTEMD_UNIT=upparat.service")
     assert "upparat-broker[" in broker_lines
-    final = setup.signed_job()  # needs the integrated children
+
+
+def test_supervisor_mode_completes_a_signed_update(setup):
+    """Needs the integrated children (protocol v2)."""
+    setup.systemctl("start", "upparat.service")
+    final = setup.signed_job()
     assert final["status"] == "SUCCEEDED", (final, setup.journal("-u", "upparat", "-n", "80"))
+    assert setup.machine.run("/opt/upparat/bin/upparatctl", "status").returncode == 0
 
 
 def test_starting_per_process_mode_stops_supervisor_mode_first(setup):
@@ -266,7 +299,12 @@ def test_starting_per_process_mode_stops_supervisor_mode_first(setup):
     for unit in PER_PROCESS:
         wait_state(setup, unit, ("active",))
     assert setup.active("upparat.service") == "inactive"
-    final = setup.signed_job()  # needs the integrated children
+
+
+def test_per_process_mode_after_the_switch_completes_a_signed_update(setup):
+    """Needs the integrated children (protocol v2)."""
+    setup.systemctl("start", "upparat.target")
+    final = setup.signed_job()
     assert final["status"] == "SUCCEEDED", (final, setup.journal("-n", "80"))
 
 
