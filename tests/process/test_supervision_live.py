@@ -367,8 +367,9 @@ def test_ready_after_every_child_beat_then_status_and_watchdog(world_tmp, rig):
 def test_upparatctl_status_json_shape_and_growing_progress(rig):
     r = rig({"installer": "beat", "fetcher": "progress", "broker": "job"})
     pids = r.wait_children(["installer", "fetcher", "broker"])
-    first = poll_for(lambda: (s := r.snapshot())["job"] and s["job"]["bytes_done"] and s, 10,
-                     what="progress in the status")
+    first = poll_for(lambda: (s := r.snapshot())["job"] and s["job"]["bytes_done"]
+                     and all(c["last_beat_age"] is not None for c in s["children"]) and s, 10,
+                     what="progress in the status, every child having beaten")
     assert first["v"] == 1
     assert set(first["supervisor"]) == {"pid", "uptime", "separated", "ready", "reload_pending", "config"}
     assert first["supervisor"]["pid"] == r.pid
