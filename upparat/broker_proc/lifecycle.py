@@ -203,8 +203,9 @@ class Agent:
         """For the supervisor's heartbeat (upparatctl status)."""
         job = self.job
         if job is None:
-            return {"job_id": None, "phase": "idle"}
-        return {"job_id": job.job_id, "execution": job.execution, "phase": job.phase.value}
+            return {"job_id": None, "phase": "idle", "subscribed": self.connected}
+        return {"job_id": job.job_id, "execution": job.execution, "phase": job.phase.value,
+                "subscribed": self.connected}
 
     # ----- phases --------------------------------------------------------
     def enter(self, phase: Phase, why: str) -> None:
