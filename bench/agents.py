@@ -150,6 +150,11 @@ class Agent:
     def stamp(self, version: str) -> Path:
         return self.base / "stamps" / f"install-{version}"
 
+    def running(self) -> str:
+        kinds = [procfs.process_kind(procfs.cmdline(pid)) for pid in procfs.tree(self.pid)] if self.child else []
+        missing = [k for k in self.expected_processes if k not in kinds]
+        return f"running: {', '.join(kinds) or 'nothing'}" + (f"; missing: {', '.join(missing)}" if missing else "")
+
     def check_processes(self, ready_at: float, figures: str) -> None:
         """All of the agent's processes must still run ``LIVENESS_S`` after it
         was ready: a child that crashes at start-up would otherwise make the
@@ -244,7 +249,7 @@ class Upparat2(Agent):
             first = self.rig.wiretap.first_request(self.thing, started, timeout)
             notified = wait_until(self._notified_ready, max(0.1, started + timeout - time.time()), "READY=1")
         except TimeoutError as exc:
-            raise AgentFailed(f"{self.label} not ready: {exc}", self.log_tail()) from None
+            raise AgentFailed(f"{self.label} not ready: {exc} ({self.running()})", self.log_tail()) from None
         ready_at = max(first.t, notified)
         figures = {"ready_s": ready_at - started, "request_s": first.t - started, "notify_ready_s": notified - started}
         self.check_processes(ready_at, ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
@@ -307,7 +312,7 @@ class Upparat112(Agent):
         try:
             first = self.rig.wiretap.first_request(self.thing, started, timeout)
         except TimeoutError as exc:
-            raise AgentFailed(f"{self.label} not ready: {exc}", self.log_tail()) from None
+            raise AgentFailed(f"{self.label} not ready: {exc} ({self.running()})", self.log_tail()) from None
         figures = {"ready_s": first.t - started, "request_s": first.t - started, "notify_ready_s": None}
         self.check_processes(first.t, f"ready_s {figures['ready_s']:.3f}")
         return figures

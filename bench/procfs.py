@@ -117,6 +117,42 @@ def tree(root: int) -> list[int]:
     return seen
 
 
+_KCMP_SYSCALL = {"x86_64": 312, "aarch64": 272, "riscv64": 272, "armv7l": 378, "armv6l": 378, "i686": 349}
+_KCMP_VM = 1
+_libc = None
+
+
+def same_memory(pid_a: int, pid_b: int) -> bool:
+    """Whether two processes share one address space, by kcmp(2) KCMP_VM: a
+    child between vfork() and exec() (how Python's subprocess starts a hook)
+    shows its parent's whole memory in its own smaps_rollup, which would count
+    it twice. False when unknown (kcmp missing or not permitted)."""
+    global _libc
+    number = _KCMP_SYSCALL.get(os.uname().machine)
+    if number is None:
+        return False
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc.syscall(number, pid_a, pid_b, _KCMP_VM, 0, 0) == 0
+
+
+def counted(root: int) -> list[int]:
+    """The processes of the tree whose memory is their own: the tree without
+    children that still share their parent's address space (vfork)."""
+    pids = tree(root)
+    members = set(pids)
+    out = []
+    for pid in pids:
+        if pid != root:
+            stat = read_stat(pid)
+            if stat is not None and stat.ppid in members and same_memory(pid, stat.ppid):
+                continue
+        out.append(pid)
+    return out
+
+
 def tree_cpu_seconds(root: int) -> float:
     total = 0
     for pid in tree(root):
@@ -129,7 +165,7 @@ def tree_cpu_seconds(root: int) -> float:
 def tree_memory_kib(root: int) -> dict[str, int]:
     """Summed rss/pss/uss of the live tree, plus how many processes were counted."""
     total = {"rss": 0, "pss": 0, "pss_anon": 0, "uss": 0, "processes": 0}
-    for pid in tree(root):
+    for pid in counted(root):
         mem = memory_kib(pid)
         if mem is None:
             continue

@@ -22,7 +22,7 @@ from bench import procfs
 def sample(root: int, kinds: dict[int, str]) -> dict:
     total = {"rss": 0, "pss": 0, "pss_anon": 0, "uss": 0, "processes": 0}
     by_kind: dict[str, int] = {}
-    for pid in procfs.tree(root):
+    for pid in procfs.counted(root):
         mem = procfs.memory_kib(pid)
         if mem is None:
             continue

@@ -50,7 +50,7 @@ class Plan:
     job_timeout_base: float = 30.0  # a job fails after base + size / rate seconds
     job_timeout_rate: float = 5 * MIB
     pickup_timeout: float = 15.0  # ... or when it is still QUEUED after this long
-    ready_timeout: float = 30.0
+    ready_timeout: float = 20.0
     pause: float = 1.0  # between runs, not timed
     cpu_tail: float = 0.5  # CPU accounting continues this long after the final status
 
@@ -119,7 +119,7 @@ class Bench:
         last["settled_after_s"] = round(time.monotonic() - began, 1)
         last["settled"] = time.monotonic() - began < maximum
         last["per_process"] = []
-        for pid in procfs.tree(agent.pid):
+        for pid in procfs.counted(agent.pid):
             mem = procfs.memory_kib(pid)
             if mem is not None:
                 last["per_process"].append(mem | {"kind": kinds.get(pid) or procfs.process_kind(procfs.cmdline(pid)),

@@ -100,6 +100,30 @@ def test_tree_cpu_counts_a_child_that_already_exited():
     assert after - before >= 0.25
 
 
+def test_same_memory_tells_a_shared_address_space_from_a_child_of_its_own():
+    # A thread shares the address space (as a vfork child does until exec);
+    # a started child has its own.
+    import threading
+
+    tids: list[int] = []
+    release = threading.Event()
+    thread = threading.Thread(target=lambda: (tids.append(threading.get_native_id()), release.wait(10)))
+    thread.start()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while not tids and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert procfs.same_memory(os.getpid(), tids[0])
+        assert not procfs.same_memory(os.getpid(), child.pid)
+        assert child.pid in procfs.counted(os.getpid())
+    finally:
+        release.set()
+        thread.join()
+        child.kill()
+        child.wait()
+
+
 def test_wire_bytes_of_a_publish_packet():
     topic = "$aws/things/t/jobs/j/update"  # 27 bytes
     payload = b"x" * 100
