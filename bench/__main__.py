@@ -88,7 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-imports", action="store_true")
     parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"))
     parser.add_argument("--keep", action="store_true", help="keep the run's directory (logs) afterwards")
+    parser.add_argument("--render", metavar="RESULTS.json",
+                        help="measure nothing: write --output again from a saved run (after a change of the report)")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        write_report(results, Path(args.output))
+        print(f"bench: wrote {args.output} from {args.render}")
+        return 0
     wanted = {a.strip() for a in args.agents.split(",") if a.strip()}
     if not wanted <= {"2", "1.12"}:
         parser.error("--agents takes 2 and/or 1.12")
@@ -111,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"bench: kept {run_dir}")
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def write_report(results: dict, output: Path) -> None:
+    """The report, keeping the sections of an existing file that it does not write."""
+    text = report.render(results) + "\n"
+    if output.exists():
+        text = report.keep_foreign_sections(text, output.read_text())
+    output.write_text(text)
 
 
 def run(args, plan: Plan, wanted: set[str], workdir: Path, run_dir: Path, log, argv) -> int:
@@ -187,11 +202,8 @@ def run(args, plan: Plan, wanted: set[str], workdir: Path, run_dir: Path, log, a
     meta["load_after"] = procfs.loadavg_text()
     meta["duration_s"] = time.time() - began
     output = Path(args.output)
-    text = report.render(results) + "\n"
-    if output.exists():
-        text = report.keep_foreign_sections(text, output.read_text())
-    output.write_text(text)
     output.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_report(results, output)
     log(f"bench: wrote {output} and {output.with_suffix('.json')} in {meta['duration_s']:.0f} s")
     return 0
 

@@ -71,9 +71,13 @@ def why_missing(agent: dict, series: str) -> str:
         if failure.startswith(prefixes):
             # "<series>: <agent>: <what> (<figures>)": the what is enough here; the
             # whole line is under "What did not run".
-            text = failure.splitlines()[0].split(": ", 1)[-1]
+            line = failure.splitlines()[0]
+            text = line.split(": ", 1)[-1]
             text = text.removeprefix(agent["label"] + ": ").split(" (", 1)[0].split("; ", 1)[0]
-            text = text if len(text) <= 100 else text[:97] + "..."
+            missing = re.search(r"missing: ([^)]*)", line)
+            if missing and missing.group(1) not in text:
+                text += f" ({missing.group(1)} not running)"
+            text = text if len(text) <= 120 else text[:117] + "..."
             return ("pending integration: " if agent["label"] == V2 else "failed: ") + text.replace("|", "\\|")
     return "not run"
 
