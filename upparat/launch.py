@@ -20,6 +20,7 @@ import argparse
 import ctypes
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -107,7 +108,7 @@ class Heartbeat:
 
 class ProblemHandler(logging.Handler):
     """Root children: error records go to the supervisor (and on to the
-    unprivileged Sentry relay) instead of a network library loaded as root."""
+    unprivileged broker, which sends it to Sentry) instead of a network library loaded as root."""
 
     def __init__(self, heartbeat: Heartbeat):
         super().__init__(logging.ERROR)
@@ -134,6 +135,10 @@ class ChildContext:
     public_keys_pem: tuple[str, ...] = ()
     stop: threading.Event = field(default_factory=threading.Event)
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
+    # broker with [service] sentry, started by the supervisor: its stdin stays
+    # open and carries the root processes' error records (upparat.ipc.status).
+    problems_fd: int | None = None
+    problems_rest: bytes = b""
 
 
 def _prctl(option: int, value: int, what: str) -> None:
@@ -234,7 +239,7 @@ def init_sentry(cfg: config_mod.Config, name: str) -> None:
 def forward_problems(heartbeat: Heartbeat) -> None:
     """Root processes: error records and unhandled exceptions go over the
     status pipe to the supervisor, which hands them to the unprivileged
-    Sentry relay; no network library is loaded as root."""
+    broker for Sentry; no network library is loaded as root."""
     logging.getLogger().addHandler(ProblemHandler(heartbeat))
     previous = sys.excepthook
 
@@ -257,6 +262,25 @@ def set_parent_death_signal() -> None:
     credentials clears it); the first beat then finds out whether the
     supervisor died before this point."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "PR_SET_PDEATHSIG")
+
+
+def read_envelope(fd: int, timeout: float = 30.0) -> tuple[bytes, bytes]:
+    """The settings line from the supervisor, and whatever came after it
+    (read with os.read: a buffered reader would swallow what follows)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in data and len(data) <= MAX_ENVELOPE:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise ValueError("no settings from the supervisor in time")
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    line, newline, rest = data.partition(b"\n")
+    if not newline and len(data) > MAX_ENVELOPE:
+        raise ValueError(f"settings longer than {MAX_ENVELOPE} bytes")
+    return line, rest
 
 
 def standalone_settings(name: str, config_path: str, verbose: bool, thing_name: str | None) -> ChildSettings:
@@ -336,7 +360,8 @@ def start_child(name: str, unprivileged: bool, argv: list[str] | None = None) ->
 
     try:
         if args.from_supervisor:
-            settings = ChildSettings.decode(sys.stdin.buffer.read(MAX_ENVELOPE + 1))
+            line, stdin_rest = read_envelope(0)
+            settings = ChildSettings.decode(line)
             if settings.role != name:
                 raise ValueError(f"settings are for {settings.role}, not {name}")
             cfg = config_mod.parse(settings.config_text, settings.config_path, check_files=False)
@@ -373,6 +398,10 @@ def start_child(name: str, unprivileged: bool, argv: list[str] | None = None) ->
     ctx = ChildContext(name=name, config=cfg, layout=settings.layout, ids=settings.ids, verbose=settings.verbose,
                        tls=dict(settings.tls), public_keys_pem=tuple(settings.public_keys_pem),
                        stop=stop, heartbeat=heartbeat)
+    if args.from_supervisor and name == "broker" and cfg.service.sentry:
+        os.set_blocking(0, False)
+        ctx.problems_fd, ctx.problems_rest = 0, stdin_rest
+
 
     def _stop(signum, _frame):  # only sets a flag; the main loop acts
         ctx.stop.set()

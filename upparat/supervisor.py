@@ -83,7 +83,7 @@ BROKER_USER = "broker user"  # [supervisor] user
 FETCHER_USER = "fetcher user"  # [supervisor] fetcher_user
 TLS = "tls"  # [broker] cafile, certfile, keyfile as PEM text
 PUBLIC_KEYS = "public_keys"  # [verification] public_keys as PEM text
-SENTRY = "sentry"  # [service] sentry, for the relay
+PROBLEMS = "problems"  # with [service] sentry: the root processes' error records, on stdin
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,8 @@ class ChildSpec:
 CHILDREN = (
     ChildSpec("installer", "upparat.installer_proc", ROOT, (PUBLIC_KEYS,)),
     ChildSpec("fetcher", "upparat.fetcher_proc", FETCHER_USER, (PUBLIC_KEYS,)),
-    ChildSpec("broker", "upparat.broker_proc", BROKER_USER, (TLS,)),
+    ChildSpec("broker", "upparat.broker_proc", BROKER_USER, (TLS, PROBLEMS)),
 )
-# Only with [service] sentry: sends the error records of the root processes
-# (installer, supervisor) to Sentry, so that no root process loads network code.
-RELAY = ChildSpec("relay", "upparat.relay_proc", BROKER_USER, (SENTRY,))
 
 POLICY = Policy(running_after=5.0, backoff_initial=0.5, backoff_factor=2.0, backoff_max=30.0,
                 heartbeat_timeout=10.0, first_beat_within=30.0)
@@ -118,10 +115,14 @@ STATUS_READ = 65536  # bytes read from one child's status pipe per loop turn: no
 CONTROL_BACKLOG = 8
 CONTROL_ACCEPTS = 16  # connections answered per loop turn
 STATUS_NOTIFY_EVERY = 1.0  # seconds: STATUS= to systemd at most this often
+FETCHER_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+               "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 JOURNAL_STDOUT = "/run/systemd/journal/stdout"
 
 
+FETCHER_ENV = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+               "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -393,8 +394,8 @@ class Child:
         self.lines = status_ipc.LineBuffer()
 
 
-class RelayHandler(logging.Handler):
-    """The supervisor's own error records, for the Sentry relay."""
+class SentryForwarder(logging.Handler):
+    """The supervisor's own error records, for Sentry (through the broker)."""
 
     def __init__(self, supervisor: "Supervisor"):
         super().__init__(logging.ERROR)
@@ -418,8 +419,6 @@ class Supervisor:
         # Defaults are looked up now, not at import, so that tests can shorten them.
         policy = policy or POLICY
         specs = specs if specs is not None else CHILDREN
-        if settings.cfg.service.sentry and RELAY not in specs:
-            specs = specs + (RELAY,)
         self.settings = settings
         self.verbose = verbose
         self.thing_name = thing_name
@@ -441,7 +440,7 @@ class Supervisor:
         self._watchdog = watchdog_interval()
         self._watchdog_at = clock()
         self._journal = launch.stderr_is_journal()
-        self.relay_stdin: int | None = None
+        self.problems_fd: int | None = None  # the broker's stdin, while Sentry is on
 
     # ---- signals: handlers only enqueue ----
 
@@ -551,28 +550,28 @@ class Supervisor:
                 self.forward_problem(child.spec.name, message)
 
     def forward_problem(self, role: str, problem: status_ipc.Problem) -> None:
-        """Pass an error record to the Sentry relay, never blocking: a full
-        pipe drops it (it is in the journal anyway)."""
-        if self.relay_stdin is None:
+        """Pass an error record to the broker for Sentry, never blocking: a
+        full pipe drops it (it is in the journal anyway)."""
+        if self.problems_fd is None:
             return
         problem = status_ipc.Problem(problem.level, problem.logger, problem.message, problem.traceback, role)
         line = status_ipc.encode_problem(problem)
         if len(line) > status_ipc.MAX_LINE:
             return
         try:
-            os.write(self.relay_stdin, line)
+            os.write(self.problems_fd, line)
         except BlockingIOError:
             pass
         except OSError:
-            self._close_relay_stdin()
+            self._close_problems()
 
-    def _close_relay_stdin(self) -> None:
-        if self.relay_stdin is not None:
+    def _close_problems(self) -> None:
+        if self.problems_fd is not None:
             try:
-                os.close(self.relay_stdin)
+                os.close(self.problems_fd)
             except OSError:
                 pass
-            self.relay_stdin = None
+            self.problems_fd = None
 
     def check_heartbeats(self) -> None:
         now = self.clock()
@@ -727,16 +726,17 @@ class Supervisor:
 
     # ---- children ----
 
-    def child_env(self) -> dict[str, str]:
+    def child_env(self, spec: ChildSpec | None = None) -> dict[str, str]:
         env = {"PATH": CHILD_PATH, "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
         if os.environ.get("PYTHONPATH"):
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        if spec is not None and spec.runs_as == FETCHER_USER:
+            # The downloader honours the service's proxy and CA settings (and nothing else of ours).
+            env.update({k: os.environ[k] for k in FETCHER_ENV if k in os.environ})
         return env
 
     def envelope(self, spec: ChildSpec) -> bytes:
         s = self.settings
-        if SENTRY in spec.receives:
-            return status_ipc.RelayHello(s.cfg.service.sentry, s.cfg.broker.thing_name, self.verbose).encode()
         return ChildSettings(
             role=spec.name, config_text=s.text, config_path=s.path, verbose=self.verbose,
             thing_name=self.thing_name, layout=s.layout, ids=s.ids,
@@ -760,7 +760,7 @@ class Supervisor:
         target = self.drop_to(spec)
         # extra_groups=[]: user= alone keeps root's supplementary groups.
         drop = {"user": target[1], "group": target[2], "extra_groups": []} if target else {}
-        env = self.child_env()
+        env = self.child_env(spec)
         stream = open_journal_stream(f"upparat-{spec.name}") if self._journal else None
         output = {}
         if stream is not None:
@@ -801,13 +801,14 @@ class Supervisor:
         child.machine.spawned(now)
         log.info("started %s (pid %d, %s%s)", spec.name, popen.pid, spec.module,
                  f", user {target[0]} uid {target[1]} gid {target[2]}" if target else f", uid {os.getuid()}")
-        keep_open = SENTRY in spec.receives  # the relay reads problems on its stdin until it stops
-        if not self._write_envelope(child, self.envelope(spec), close=not keep_open):
+        # One line of settings; with Sentry on, the broker reads error records after it.
+        keep_open = PROBLEMS in spec.receives and bool(self.settings.cfg.service.sentry)
+        if not self._write_envelope(child, self.envelope(spec) + b"\n", close=not keep_open):
             self._kill(child)
         elif keep_open:
-            self._close_relay_stdin()
-            self.relay_stdin = os.dup(popen.stdin.fileno())
-            os.set_inheritable(self.relay_stdin, False)
+            self._close_problems()
+            self.problems_fd = os.dup(popen.stdin.fileno())
+            os.set_inheritable(self.problems_fd, False)
             popen.stdin.close()
 
     def _write_envelope(self, child: Child, data: bytes, close: bool = True) -> bool:
@@ -860,8 +861,8 @@ class Supervisor:
             child.close_status()
             child.popen = None
             child.status = None
-            if child.spec is RELAY:
-                self._close_relay_stdin()
+            if PROBLEMS in child.spec.receives:
+                self._close_problems()
             self._after_exit(child, child.machine.exited(now, returncode), returncode, pid)
 
     def _after_exit(self, child: Child, state: State, returncode: int | None, pid: int | None = None) -> None:
@@ -905,7 +906,7 @@ class Supervisor:
                     child.popen.send_signal(signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        self._close_relay_stdin()
+        self._close_problems()
         deadline = self.clock() + timeout
         while any(c.popen for c in self.children) and self.clock() < deadline:
             self.reap()
@@ -950,9 +951,6 @@ class Supervisor:
         self.ready = False  # READY again once all children beat; systemd needs no second READY=1
         self.start_all()
 
-    def relay_spec_present(self) -> bool:
-        return any(c.spec is RELAY for c in self.children)
-
     def next_timeout(self) -> float:
         now = self.clock()
         deadlines = [d for c in self.children if (d := c.machine.next_deadline()) is not None]
@@ -964,8 +962,8 @@ class Supervisor:
         """Start the children and supervise them until stopped; returns the exit code."""
         self.install_signals()
         problems = None
-        if self.relay_spec_present():
-            problems = RelayHandler(self)
+        if self.settings.cfg.service.sentry:
+            problems = SentryForwarder(self)
             logging.getLogger().addHandler(problems)
         try:
             self.open_control()

@@ -17,7 +17,8 @@ def test_child_table_order_and_identities():
         ("fetcher", "upparat.fetcher_proc", sv.FETCHER_USER),
         ("broker", "upparat.broker_proc", sv.BROKER_USER),
     ]
-    assert (sv.RELAY.name, sv.RELAY.module, sv.RELAY.runs_as) == ("relay", "upparat.relay_proc", sv.BROKER_USER)
+    # four processes: the root processes' errors reach Sentry through the broker, not a fifth process
+    assert [c.name for c in sv.CHILDREN if sv.PROBLEMS in c.receives] == ["broker"]
 
 
 @pytest.fixture
@@ -65,6 +66,17 @@ def test_child_environment_is_minimal(settings, monkeypatch):
     assert sup.child_env() == {"PATH": sv.CHILD_PATH, "LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
     monkeypatch.setenv("PYTHONPATH", "/opt/x")
     assert sup.child_env()["PYTHONPATH"] == "/opt/x"
+
+
+def test_only_the_fetcher_gets_the_proxy_settings(settings, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+    monkeypatch.setenv("no_proxy", "localhost")
+    sup = sv.Supervisor(settings, verbose=False, thing_name=None)
+    specs = {c.name: c for c in sv.CHILDREN}
+    assert sup.child_env(specs["fetcher"])["HTTPS_PROXY"] == "http://proxy:3128"
+    assert sup.child_env(specs["fetcher"])["no_proxy"] == "localhost"
+    for name in ("broker", "installer"):
+        assert "HTTPS_PROXY" not in sup.child_env(specs[name])
 
 
 def test_unreadable_key_file_is_a_config_error_naming_the_key(tmp_path):

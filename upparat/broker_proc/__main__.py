@@ -1,8 +1,9 @@
 """Entry point: python -m upparat.broker_proc (--from-supervisor | -c CONFIG).
 
 One loop waits on everything at once — the MQTT events (an eventfd written
-by paho's network thread), the installer's and the fetcher's sockets, and a
-self-pipe for SIGTERM — with the lifecycle's next deadline as the timeout.
+by paho's network thread), the installer's and the fetcher's sockets, a
+self-pipe for SIGTERM and, with Sentry on, the root processes' error
+records on stdin — with the lifecycle's next deadline as the timeout.
 A message or reply is handled the moment it arrives.
 """
 
@@ -21,6 +22,7 @@ from upparat.broker_proc.jobs_api import Topics
 from upparat.broker_proc.lifecycle import Agent
 from upparat.broker_proc.mqtt import Connection
 from upparat.broker_proc.peers import FetcherPeer, InstallerPeer
+from upparat.broker_proc.problems import ProblemRelay
 
 log = logging.getLogger("upparat.broker")
 HEARTBEAT_S = 1.0  # the loop wakes at least this often, to beat the supervisor's heartbeat
@@ -45,6 +47,10 @@ def main(argv=None) -> int:
         poller.register(installer.sock, zmq.POLLIN)
         poller.register(fetcher.sock, zmq.POLLIN)
         poller.register(signal_r, zmq.POLLIN)
+        relay = None
+        if ctx.problems_fd is not None:
+            relay = ProblemRelay(ctx.problems_fd, cfg.broker.thing_name, ctx.problems_rest)
+            poller.register(relay.fd, zmq.POLLIN)
         conn.start()
         while not ctx.stop.is_set():
             deadline = agent.next_deadline()
@@ -65,6 +71,11 @@ def main(argv=None) -> int:
                         agent.handle_disconnected()
                     else:
                         agent.handle_message(event[1], event[2])
+            if relay is not None and relay.fd in ready:
+                relay.read_ready()
+                if not relay.open:
+                    poller.unregister(relay.fd)
+                    relay = None
             if installer.sock in ready:
                 for message in installer.receive():
                     agent.handle_installer(message)

@@ -114,7 +114,7 @@ def status_problem(body: dict) -> str | None:
 @dataclass(frozen=True)
 class Problem:
     """An error log record or unhandled exception of a root process, which
-    the supervisor passes to the unprivileged Sentry relay (never sends it
+    the supervisor passes to the unprivileged broker for Sentry (never sends it
     itself). ``role`` is set by the supervisor, whatever the child claims."""
 
     level: str
@@ -245,34 +245,10 @@ class LineBuffer:
             out.append(line)
 
 
-# -- supervisor -> Sentry relay --------------------------------------------------
+# -- supervisor -> broker: error records for Sentry --------------------------------
 #
-# With [service] sentry set, the supervisor starts an unprivileged relay
-# (upparat.relay_proc) and writes to its stdin one hello line, then the
-# Problem lines of the root processes (with ``role`` set). The input comes
-# from root, but it is decoded the same way.
-
-
-@dataclass(frozen=True)
-class RelayHello:
-    dsn: str
-    thing_name: str
-    verbose: bool = False
-
-    def encode(self) -> bytes:
-        return safejson.dumps({"v": VERSION, "type": "hello", "dsn": self.dsn, "thing_name": self.thing_name,
-                               "verbose": self.verbose}) + b"\n"
-
-    @classmethod
-    def decode(cls, line: bytes) -> "RelayHello":
-        try:
-            body = safejson.loads(line, max_bytes=MAX_LINE, max_depth=1, max_string=2048, max_items=16)
-        except safejson.BadJson as exc:
-            raise StatusError(str(exc)) from None
-        if not isinstance(body, dict) or body.get("v") != VERSION or body.get("type") != "hello":
-            raise StatusError(f"not a version {VERSION} hello")
-        _only(body, {"v", "type", "dsn", "thing_name", "verbose"})
-        dsn, thing, verbose = body.get("dsn"), body.get("thing_name"), body.get("verbose")
-        if not isinstance(dsn, str) or not dsn or not isinstance(thing, str) or not isinstance(verbose, bool):
-            raise StatusError("hello needs dsn, thing_name and verbose")
-        return cls(dsn, thing, verbose)
+# With [service] sentry set, the supervisor keeps the broker's stdin open
+# after the settings line and writes to it the Problem lines of the root
+# processes (installer, supervisor; ``role`` set). The broker, unprivileged
+# and on the network anyway, sends them to Sentry, so that no root process
+# loads network code. The input comes from root, but it is decoded the same way.
