@@ -66,6 +66,11 @@ class ChildContext:
     verbose: bool
     tls: dict[str, str] = field(default_factory=dict)  # cafile/certfile/keyfile PEM text
     public_keys_pem: tuple[str, ...] = ()
+    # Started on its own (``-c CONFIG``, one systemd unit per process) rather
+    # than by the supervisor: such a child applies the supervisor's own checks
+    # to ``config_path`` and prepares its own directories.
+    standalone: bool = False
+    config_path: str = ""
     stop: threading.Event = field(default_factory=threading.Event)
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
 
@@ -213,7 +218,8 @@ def start_child(name: str, unprivileged: bool, argv: list[str] | None = None) ->
     if unprivileged:
         init_sentry(cfg, name)
     ctx = ChildContext(name=name, config=cfg, layout=settings.layout, ids=settings.ids, verbose=settings.verbose,
-                       tls=dict(settings.tls), public_keys_pem=tuple(settings.public_keys_pem))
+                       tls=dict(settings.tls), public_keys_pem=tuple(settings.public_keys_pem),
+                       standalone=not args.from_supervisor, config_path=settings.config_path)
 
     def _stop(signum, _frame):  # only sets a flag; the main loop acts
         ctx.stop.set()
