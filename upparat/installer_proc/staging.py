@@ -223,6 +223,9 @@ def _take_over(src_dirfd: int, name: str, fd: int, staging_dirfd: int, staged: s
         os.fchown(fd, 0, 0)  # also clears any set-id bit
     os.fchmod(fd, 0o400)
     st = os.fstat(fd)
+    if st.st_nlink == 0:
+        raise StageFailed(VERIFICATION_FAILED, f"{where} was replaced or deleted while it was taken over; "
+                          "not staged")
     if st.st_nlink != 1:  # linked before the chown; protected_hardlinks stops it after
         raise StageFailed(VERIFICATION_FAILED, f"{where} got a second hard link; not staged")
     _lease(fd, where)
