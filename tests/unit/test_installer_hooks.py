@@ -186,7 +186,7 @@ def test_kill_marked_kills_only_processes_carrying_the_marker(world_tmp):
 
 def test_the_hook_dies_with_the_thread_that_spawned_it(world_tmp):
     """PR_SET_PDEATHSIG: a process spawning a hook and then dying takes the hook with it."""
-    code = f"""
+    code = """
 import time
 from pathlib import Path
 from upparat.installer_proc import hooks

@@ -21,7 +21,8 @@ from .installer import Installer, Settings
 
 log = logging.getLogger("upparat.installer_proc")
 
-POLL_MS = 500  # the loop looks at the stop flag, the memory guard and the heartbeat at least this often
+POLL_MS = 100  # the loop looks at the stop flag, the memory guard and the heartbeat at least this often:
+# a peer streaming an endless multi-frame message at ~1 GB/s gets ~100 MiB past the guard per period
 
 
 class StartError(Exception):
