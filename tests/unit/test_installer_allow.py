@@ -4,13 +4,16 @@ that every hook argument comes from the installer's record."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from upparat import signature
+from upparat import signature, verify
 from upparat.installer_proc import allow
 from upparat.ipc import installer_protocol as ip
 from upparat.ipc.wire import BUSY, NOT_PERMITTED, Refused
@@ -335,3 +338,21 @@ def test_allow_unsigned_still_checks_the_bytes_against_sha256(rig):
     state = rig.settle()
     assert (state.phase, state.failure) == (ip.FAILED, "verification_failed")
     assert rig.staged_files() == []
+
+
+# ----- hostile signatures never raise out of open_job -------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_keys():
+    return [ed25519.Ed25519PrivateKey.generate().public_key(), ec.generate_private_key(ec.SECP256R1()).public_key()]
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=120))
+def test_any_signature_bytes_are_a_verification_failure_never_an_exception(two_keys, raw):
+    candidate = dataclasses.replace(release(), signature=base64.b64encode(raw).decode() or "AA==")
+    if candidate.problem():
+        return  # refused by the decoder before open_job
+    failure = verify.release_failure(candidate, two_keys, verify.Policy())
+    assert failure is not None and failure.state == "verification_failed"

@@ -107,7 +107,11 @@ def build(ctx: launch.ChildContext, wake) -> tuple[Installer, int]:
                              require_sha256=cfg.verification.require_sha256),
         max_file_size=cfg.service.max_file_size, as_root=as_root)
     installer = Installer(settings, staging_dirfd, wake)
-    installer.recover()
+    try:
+        installer.recover()
+    except OSError as exc:  # e.g. a read-only or full staging file system
+        raise StartError(codes.EXIT_FAILURE, f"cannot record the installer's state in {ctx.layout.staging_dir}: "
+                         f"{exc}") from None
     return installer, staging_dirfd
 
 
