@@ -31,6 +31,7 @@ Output is read with fixed bounds: the last non-empty stdout line (for
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -92,10 +93,12 @@ def clean_line(raw: bytes) -> str:
     return text[: ip.MAX_OUTPUT]
 
 
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: only an async-signal-safe
-    system call through a function resolved beforehand, no allocation."""
+def _die_with_parent(parent: int) -> None:
+    """Runs in the child between fork and exec: system calls through
+    functions resolved beforehand, nothing that takes a lock."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the installer died before the line above: do not run orphaned
+        os._exit(127)
 
 
 class LineReader:
@@ -343,7 +346,7 @@ class HookRunner:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/",
                 env=hook_env(self.token), close_fds=True, start_new_session=True, umask=HOOK_UMASK,
-                preexec_fn=_die_with_parent)
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()))
         except OSError as exc:
             return None, f"cannot run {argv[0]}: {exc.strerror or exc}", False
         except subprocess.SubprocessError as exc:
