@@ -330,29 +330,30 @@ def test_a_swap_before_the_stage_is_caught_by_the_installers_own_hash(installer)
 
 
 def test_a_writer_opening_during_the_take_over_cannot_kill_the_installer(installer):
-    """A lease break sends SIGIO to the installer; a writer keeps trying to open
-    the file while it is taken over and hashed (256 MiB)."""
+    """A lease break sends SIGIO to the installer; a writer (root, so that no
+    permission stops it) keeps trying to open the staged file while it is
+    taken over and hashed (256 MiB under a read lease)."""
     inst, peer = installer
     data = os.urandom(256 * 1024 * 1024)
     inst.download(data)
     final = inst.layout.download_dir / handoff.final_name("job-1", 1)
     staged = inst.layout.staging_dir / handoff.staged_name("job-1", 1)
-    code = ("import os, sys, time\nmet = 0\nend = time.monotonic() + 20\n"
+    code = ("import os, sys, time\nmet = 0\nend = time.monotonic() + 20\nprint('ready', flush=True)\n"
             "while time.monotonic() < end and not os.path.exists(sys.argv[3]):\n"
-            "    for p in sys.argv[1:3]:\n"
-            "        try:\n            os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))\n"
-            "        except BlockingIOError:\n            met += 1\n"
-            "        except OSError:\n            pass\n"
+            "    try:\n        os.close(os.open(sys.argv[2], os.O_WRONLY | os.O_NONBLOCK))\n"
+            "    except BlockingIOError:\n        met += 1\n"
+            "    except OSError:\n        pass\n"
             "print(met)\n")
     done_flag = inst.base / "writer-done"
     writer = subprocess.Popen([sys.executable, "-c", code, str(final), str(staged), str(done_flag)],
                               stdout=subprocess.PIPE, text=True)
     try:
+        assert writer.stdout.readline().strip() == "ready"
         pid = inst.pid
         open_job(peer, rel(data))
         state = stage(peer)
         done_flag.touch()
-        met = int(writer.communicate(timeout=30)[0])
+        met = int(writer.communicate(timeout=30)[0].split()[-1])
     finally:
         if writer.poll() is None:
             writer.kill()
