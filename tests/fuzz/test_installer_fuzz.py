@@ -42,6 +42,9 @@ REPLY_TIMEOUT = 10.0
 JOB_IDS = ("job-1", "job-2")
 OPEN = "<the open job>"  # replaced when sent: most requests are about the job that is open
 
+# pytest-timeout's default (setup.cfg) is for ordinary tests; a long run takes ~3 ms per input.
+pytestmark = pytest.mark.timeout(max(120, EXAMPLES // 20))
+
 COUNTS = {"examples": 0, "replies": 0, "refused": 0, "job_state": 0, "pong": 0}
 PHASES_SEEN: dict[str, int] = {}
 
