@@ -35,7 +35,7 @@ from upparat.ipc import handoff
 from upparat.ipc import installer_protocol as ip
 from upparat.ipc import wire
 from upparat.release import HOOK_NAMES
-from tests.installer_support import PAYLOAD, Rig, release
+from tests.installer_support import PAYLOAD, PAYLOAD_SHA, Rig, release
 
 EXAMPLES = int(os.environ.get("UPPARAT_FUZZ_EXAMPLES", "300"))
 REPLY_TIMEOUT = 10.0
@@ -53,7 +53,11 @@ class Loop:
     """The installer's real main loop in a thread, and a DEALER to talk to it."""
 
     def __init__(self, base):
-        self.rig = Rig(base, hooks={name: "echo 1.0" for name in HOOK_NAMES}, allow_unsigned=True)
+        hooks = {name: "echo 1.0" for name in HOOK_NAMES}
+        # What the install hook got: checked against promise 2 after every input.
+        hooks["install"] = f'sha256sum "$4" >> {base}/installs'
+        self.installs = base / "installs"
+        self.rig = Rig(base, hooks=hooks, allow_unsigned=True)
         self.installer = self.rig.installer
         self.context = zmq.Context()
         self.waker = installer_main.Waker()
@@ -132,6 +136,13 @@ class Loop:
             if job.phase in (ip.STAGED, ip.INSTALLING, ip.INSTALLED):
                 assert job.staged_sha256 is not None
         assert len(state.history) <= 32
+        # Promise 2: the install hook only ever got a staged file of the verified bytes.
+        if self.installs.exists():
+            for line in self.installs.read_text().splitlines():
+                digest, path = line.split(maxsplit=1)
+                assert digest == PAYLOAD_SHA and os.path.dirname(path) == str(self.rig.layout.staging_dir), line
+                COUNTS["install_hook_runs"] = COUNTS.get("install_hook_runs", 0) + 1
+            self.installs.unlink()
         staged = self.rig.staged_files()
         allowed = set() if job is None else {handoff.staged_name(job.job_id, job.execution)}
         # Only the open job's file, or a temporary copy/record while a thread works.
