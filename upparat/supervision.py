@@ -1,18 +1,25 @@
 """The life of one supervised child, as a pure state machine.
 
-No OS calls here: the supervisor feeds in what happened (spawned, exited,
-time passed) with ``now`` from ``time.monotonic()``, and asks what to do
-next. That keeps the restart policy testable with a fake clock.
+No OS calls here: the supervisor feeds in what happened (spawned, beat,
+exited, time passed) with ``now`` from ``time.monotonic()``, and asks what to
+do next. That keeps the restart policy testable with a fake clock.
 
     STOPPED --spawned--> STARTING --up for running_after s--> RUNNING
     STARTING/RUNNING --exited 2 or 3--> FATAL        (structural fault)
     STARTING/RUNNING --exited otherwise--> BACKOFF --delay over--> (spawn)
+    STARTING/RUNNING --no beat for the heartbeat bound--> hung() is True:
+                        the supervisor kills it, and its exit goes to BACKOFF
     any --stop requested--> STOPPING --exited--> STOPPED
 
 The restart delay starts at ``backoff_initial`` and doubles after every exit
 up to ``backoff_max``, so a child that dies before doing any work is
 throttled (Postfix master_spawn.c) instead of spinning; a child that earned
 RUNNING starts again from ``backoff_initial`` (Supervisor process.py).
+
+Heartbeats (zguide's Paranoid Pirate): a child must beat within
+``first_beat_within`` s of its start and then at least every
+``heartbeat_timeout`` s; otherwise it is alive but not working (stopped,
+deadlocked) and ``hung()`` says so.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ class Policy:
     backoff_initial: float = 0.5
     backoff_factor: float = 2.0
     backoff_max: float = 30.0
+    heartbeat_timeout: float = 10.0  # silence after a beat that makes a child hung
+    first_beat_within: float = 30.0  # a fresh interpreter on a slow device imports a lot
 
 
 class ChildMachine:
@@ -55,6 +64,7 @@ class ChildMachine:
         self.started_at: float | None = None
         self.restart_at: float | None = None
         self.last_exit: int | None = None
+        self.last_beat: float | None = None  # of the current process
         self.spawns = 0
 
     def __repr__(self) -> str:
@@ -68,7 +78,13 @@ class ChildMachine:
         self.state = State.STARTING
         self.started_at = now
         self.restart_at = None
+        self.last_beat = None
         self.spawns += 1
+
+    def beat(self, now: float) -> None:
+        """The child's main loop said it is alive."""
+        if self.alive:
+            self.last_beat = now
 
     def exited(self, now: float, returncode: int | None) -> State:
         """The process is gone (returncode None: it could not be started).
@@ -78,6 +94,7 @@ class ChildMachine:
         self.tick(now)  # a child that stayed up long enough earned RUNNING
         self.last_exit = returncode
         self.started_at = None
+        self.last_beat = None
         if self.state is State.STOPPING:
             self.state = State.STOPPED
         elif returncode in STRUCTURAL_EXITS:
@@ -114,13 +131,32 @@ class ChildMachine:
             self.delay = self.policy.backoff_initial
         return self.state is State.BACKOFF and now >= self.restart_at
 
+    def beat_deadline(self) -> float | None:
+        """When a live, unstopped child must have beaten (next) at the latest."""
+        if self.state not in (State.STARTING, State.RUNNING):
+            return None
+        if self.last_beat is None:
+            return self.started_at + self.policy.first_beat_within
+        return self.last_beat + self.policy.heartbeat_timeout
+
+    def hung(self, now: float) -> bool:
+        """Alive but silent past its heartbeat bound: to be killed."""
+        deadline = self.beat_deadline()
+        return deadline is not None and now > deadline
+
     def next_deadline(self) -> float | None:
-        """The next monotonic time at which tick() may change something."""
+        """The next monotonic time at which tick() or hung() may change."""
+        deadlines = [self.beat_deadline()]
         if self.state is State.STARTING:
-            return self.started_at + self.policy.running_after
+            deadlines.append(self.started_at + self.policy.running_after)
         if self.state is State.BACKOFF:
-            return self.restart_at
-        return None
+            deadlines.append(self.restart_at)
+        deadlines = [d for d in deadlines if d is not None]
+        return min(deadlines) if deadlines else None
+
+    @property
+    def restarts(self) -> int:
+        return max(0, self.spawns - 1)
 
     @property
     def alive(self) -> bool:

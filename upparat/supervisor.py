@@ -1,32 +1,54 @@
 """upparat-supervisor: starts, watches and restarts the three children.
 
-Contract. Runs as root and parses no network input: only its command line
-and its configuration file, which must be root's own when privileges are
-separated (the installer runs the hooks that file names). It creates the
-runtime, download and staging directories with the owners below, reads the
-few root-only files the children need, and starts each child as a fresh
-interpreter by module name (``python -m upparat.<name>_proc
---from-supervisor``, see launch.py), the unprivileged ones with uid and gid
-of ``[supervisor] user``/``group`` and no supplementary groups. Setting the
-uids from root clears every capability; the child then sets no_new_privs and
-refuses to run (EXIT_UNSAFE) if anything is left. A child that crashes is
-restarted with exponential backoff (supervision.py); a child that exits with
-EXIT_USAGE or EXIT_UNSAFE is a structural fault that no restart can fix, so
-the supervisor stops everything and exits 1 naming it.
+Contract. Runs as root and parses no network input: only its command line,
+its configuration file (which must be root's own when privileges are
+separated: the installer runs the hooks that file names), and the bounded,
+schema-checked status lines its children write to it (``upparat.ipc.status``,
+treated as hostile-peer input). It creates the runtime, download and staging
+directories with the owners in ``upparat.ipc.settings``, reads the few
+root-only files the children need, and starts each child as a fresh
+interpreter by module name (``python -m upparat.<name>_proc --from-supervisor
+--status-fd N``, see launch.py), the unprivileged ones with the uid and gid of
+``[supervisor] user`` / ``fetcher_user`` and no supplementary groups. Setting
+the uids from root clears every capability; the child then sets
+no_new_privs and refuses to run (EXIT_UNSAFE) if anything is left.
 
-Started as another user (development), everything runs as that user and
-the supervisor says loudly that privilege separation is off.
+Supervision (supervision.py has the state machine): a child that exits is
+restarted with capped exponential backoff; one whose heartbeats stop (it is
+stopped or deadlocked) is killed after ``Policy.heartbeat_timeout`` s (before
+its first beat: ``first_beat_within`` s) and restarted the same way. So a hung
+child runs again at the latest heartbeat_timeout + MAX_POLL + KILL_WAIT + the
+current backoff delay after its last beat (11 s + backoff with the defaults).
+A child that exits with EXIT_USAGE (it finds the configuration unusable) or
+EXIT_UNSAFE is a structural fault that no restart can fix: the supervisor
+stops everything and exits 2 or 1. Each child sets PR_SET_PDEATHSIG first
+thing, so killing the supervisor (even with SIGKILL) kills every child.
 
-Signals: SIGTERM/SIGINT stop (each child gets SIGTERM, then SIGKILL after
-STOP_TIMEOUT s; exit 0), SIGHUP re-reads the configuration and restarts the
-children, SIGCHLD reaps. Handlers only enqueue; the main loop acts.
+Signals: handlers only enqueue; the main loop acts through ``handle_<signal>``.
+SIGTERM/SIGINT stop (each child gets SIGTERM, then SIGKILL after
+STOP_TIMEOUT s; exit 0); SIGHUP re-reads the configuration and restarts the
+children, but never while the installer reports ``busy`` (a hook or staging
+runs): the reload waits for that to end; SIGCHLD reaps.
+
+systemd: ``READY=1`` once every child has sent its first heartbeat,
+``STATUS=`` with the current job's phase and progress, ``WATCHDOG=1`` every
+half ``WATCHDOG_USEC`` when the unit sets ``WatchdogSec=``. Under journald each
+child's output goes to a journal stream of its own, tagged ``upparat-<name>``.
+
+``upparatctl status`` reads what the supervisor knows over the control
+socket ``<runtime_dir>/control/control.sock`` (root and the broker's group).
+The supervisor reads nothing from that socket: it sends one JSON document and
+closes.
+
+Exit codes (codes.py): 0 clean stop, 2 bad command line or configuration
+(also when a child reports it), 1 anything else.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import grp
+import errno
 import logging
 import os
 import pwd
@@ -38,11 +60,20 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from upparat import codes, config as config_mod, launch, trust
-from upparat.ipc.settings import ChildSettings, Identities, Layout, resolve_identities, resolve_layout
+from upparat import codes, config as config_mod, launch, safejson, trust
+from upparat.ipc import status as status_ipc
+from upparat.ipc.settings import (
+    STANDALONE_TMPDIR,
+    ChildSettings,
+    Identities,
+    Layout,
+    resolve_identities,
+    resolve_layout,
+)
 from upparat.supervision import ChildMachine, Policy, State
 
 log = logging.getLogger("upparat.supervisor")
@@ -52,6 +83,7 @@ BROKER_USER = "broker user"  # [supervisor] user
 FETCHER_USER = "fetcher user"  # [supervisor] fetcher_user
 TLS = "tls"  # [broker] cafile, certfile, keyfile as PEM text
 PUBLIC_KEYS = "public_keys"  # [verification] public_keys as PEM text
+SENTRY = "sentry"  # [service] sentry, for the relay
 
 
 @dataclass(frozen=True)
@@ -72,12 +104,24 @@ CHILDREN = (
     ChildSpec("fetcher", "upparat.fetcher_proc", FETCHER_USER, (PUBLIC_KEYS,)),
     ChildSpec("broker", "upparat.broker_proc", BROKER_USER, (TLS,)),
 )
+# Only with [service] sentry: sends the error records of the root processes
+# (installer, supervisor) to Sentry, so that no root process loads network code.
+RELAY = ChildSpec("relay", "upparat.relay_proc", BROKER_USER, (SENTRY,))
 
-POLICY = Policy(running_after=5.0, backoff_initial=0.5, backoff_factor=2.0, backoff_max=30.0)
+POLICY = Policy(running_after=5.0, backoff_initial=0.5, backoff_factor=2.0, backoff_max=30.0,
+                heartbeat_timeout=10.0, first_beat_within=30.0)
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 KILL_WAIT = 5.0  # seconds to wait for a SIGKILLed child to be reaped
 ENVELOPE_TIMEOUT = 10.0  # a child that does not read its settings by then is killed
 MAX_POLL = 1.0  # the main loop also looks at its children at least this often
+STATUS_READ = 65536  # bytes read from one child's status pipe per loop turn: no child starves the loop
+CONTROL_BACKLOG = 8
+CONTROL_ACCEPTS = 16  # connections answered per loop turn
+STATUS_NOTIFY_EVERY = 1.0  # seconds: STATUS= to systemd at most this often
+CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+JOURNAL_STDOUT = "/run/systemd/journal/stdout"
+
+
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -203,7 +247,7 @@ def prepare_directories(layout: Layout, ids: Identities) -> None:
     prepare_dir(layout.fetcher_state_dir, ids.fetcher_uid, ids.fetcher_gid, 0o700, *state)
 
 
-# -- systemd readiness -----------------------------------------------------------
+# -- systemd: readiness, status, watchdog, journal streams -------------------------
 
 
 def sd_notify(message: str) -> bool:
@@ -226,6 +270,72 @@ def sd_notify(message: str) -> bool:
     return True
 
 
+def watchdog_interval() -> float | None:
+    """Half of WATCHDOG_USEC (sd_watchdog_enabled(3)), when it is meant for us."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2e6 if value > 0 else None
+
+
+def open_journal_stream(identifier: str) -> socket.socket | None:
+    """A journald stream connection tagged ``identifier`` (what systemd-cat
+    does), so that ``journalctl -t upparat-broker`` finds the broker's lines in
+    upparat.service too. None when journald cannot be reached."""
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.connect(JOURNAL_STDOUT)
+        sock.shutdown(socket.SHUT_RD)
+        # identifier, unit id, priority, level prefix, forward to syslog, kmsg, console
+        sock.sendall(f"{identifier}\n\n6\n1\n0\n0\n0\n".encode())
+    except OSError as exc:
+        log.warning("cannot open a journal stream for %s (%s); it logs to our stderr", identifier, exc)
+        return None
+    return sock
+
+
+def human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"
+
+
+# -- the control socket (upparatctl status) -----------------------------------------
+
+
+def open_control_socket(path: Path, ids: Identities) -> socket.socket:
+    """Listen on ``path`` (root:broker-group 0660, in a 0750 directory of the
+    same owners, made by prepare_directories): only root and the broker's
+    group may connect. Raises OSError."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # left by a supervisor that was killed
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+    try:
+        old = os.umask(0o177)  # no window in which the socket is more open than 0600
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chown(path, -1, ids.broker_gid)
+        os.chmod(path, 0o660)
+        sock.listen(CONTROL_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 # -- the supervisor ----------------------------------------------------------------
 
 
@@ -241,50 +351,97 @@ class Settings:
     files: RootFiles
 
 
-def load_settings(path: str, thing_name: str | None) -> Settings:
-    """Read and check everything; raises ConfigError. Creates the directories."""
+def load_settings(path: str, thing_name: str | None, tmpdir: str | None = None) -> Settings:
+    """Read and check everything; raises ConfigError. Creates the directories.
+
+    ``tmpdir``: STANDALONE_TMPDIR for the per-process units (what their
+    children compute); the supervisor looks up the system temp dir."""
     cfg, text = config_mod.load(path)
     if thing_name:
         cfg = cfg.replace_thing_name(thing_name)
     ids = current_identities(cfg)
     if ids.separated:
         check_config_owner(path)
-    layout = resolve_layout(cfg, tempfile.gettempdir())  # the one place the temp dir is looked up
+    layout = resolve_layout(cfg, tmpdir or tempfile.gettempdir())  # the one place the temp dir is looked up
     files = read_root_files(cfg)
     prepare_directories(layout, ids)
     return Settings(cfg, text, path, layout, ids, files)
 
 
 class Child:
-    """One supervised child: its spec, its state machine, its process."""
+    """One supervised child: its spec, its state machine, its process, and
+    what it last said about itself on its status pipe."""
 
     def __init__(self, spec: ChildSpec, policy: Policy):
         self.spec = spec
         self.machine = ChildMachine(spec.name, policy)
         self.popen: subprocess.Popen | None = None
+        self.status_fd: int | None = None  # read end of its status pipe
+        self.lines = status_ipc.LineBuffer()
+        self.status: status_ipc.Status | None = None
+        self.refused = 0  # status lines refused from this process
+        self.killed_hung = False
 
     @property
     def pid(self) -> int | None:
         return self.popen.pid if self.popen else None
+
+    def close_status(self) -> None:
+        if self.status_fd is not None:
+            os.close(self.status_fd)
+            self.status_fd = None
+        self.lines = status_ipc.LineBuffer()
+
+
+class RelayHandler(logging.Handler):
+    """The supervisor's own error records, for the Sentry relay."""
+
+    def __init__(self, supervisor: "Supervisor"):
+        super().__init__(logging.ERROR)
+        self.supervisor = supervisor
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tb = "".join(traceback.format_exception(*record.exc_info)) if record.exc_info else None
+            problem = status_ipc.Problem.fitted(record.levelname, record.name, record.getMessage(), tb)
+            self.supervisor.forward_problem("supervisor", problem)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
 
 
 class Supervisor:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)  # handled in this order
 
     def __init__(self, settings: Settings, verbose: bool, thing_name: str | None,
-                 policy: Policy = POLICY, specs: tuple[ChildSpec, ...] = CHILDREN,
-                 stop_timeout: float = STOP_TIMEOUT, clock=time.monotonic):
+                 policy: Policy | None = None, specs: tuple[ChildSpec, ...] | None = None,
+                 stop_timeout: float | None = None, clock=time.monotonic):
+        # Defaults are looked up now, not at import, so that tests can shorten them.
+        policy = policy or POLICY
+        specs = specs if specs is not None else CHILDREN
+        if settings.cfg.service.sentry and RELAY not in specs:
+            specs = specs + (RELAY,)
         self.settings = settings
         self.verbose = verbose
         self.thing_name = thing_name
         self.clock = clock
-        self.stop_timeout = stop_timeout
+        self.stop_timeout = STOP_TIMEOUT if stop_timeout is None else stop_timeout
         self.children = [Child(spec, policy) for spec in specs]
         self.exit_code: int | None = None
         self.reload_requested = False
+        self._reload_deferred_logged = False
+        self.started_at = clock()
+        self.ready = False
         self._pending: collections.deque[int] = collections.deque()
         self._wake_r = self._wake_w = -1
         self._old_handlers: dict[int, object] = {}
+        self.control: socket.socket | None = None
+        self.control_path: Path | None = None
+        self._last_status_text = ""
+        self._status_sent_at = float("-inf")
+        self._watchdog = watchdog_interval()
+        self._watchdog_at = clock()
+        self._journal = launch.stderr_is_journal()
+        self.relay_stdin: int | None = None
 
     # ---- signals: handlers only enqueue ----
 
@@ -323,24 +480,250 @@ class Supervisor:
         self.exit_code = codes.EXIT_OK
 
     def handle_sighup(self) -> None:
-        log.info("SIGHUP: re-reading %s and restarting the children", self.settings.path)
+        try:  # check the new configuration now, so that an error shows at once
+            load_settings(self.settings.path, self.thing_name)
+        except config_mod.ConfigError as exc:
+            log.error("SIGHUP: configuration error, keeping the running configuration: %s", exc)
+            return
+        log.info("SIGHUP: will re-read %s and restart the children", self.settings.path)
         self.reload_requested = True
+        self._reload_deferred_logged = False
 
     def handle_sigchld(self) -> None:
         self.reap()
 
     def _wait(self, timeout: float) -> None:
-        """Sleep until a signal arrives or ``timeout`` s passed.
+        """Sleep until a signal, a status line or a control connection arrives,
+        or ``timeout`` s passed, and handle the lines and connections.
 
         A signal that came after the last dispatch has left a byte in the
         wakeup pipe, so select returns at once: no signal is slept through.
         """
-        select.select([self._wake_r], [], [], max(0.0, timeout))
+        readers = [self._wake_r] + [c.status_fd for c in self.children if c.status_fd is not None]
+        if self.control is not None:
+            readers.append(self.control.fileno())
         try:
-            while os.read(self._wake_r, 512):
+            ready, _, _ = select.select(readers, [], [], max(0.0, timeout))
+        except InterruptedError:
+            ready = []
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
                 pass
+        for child in self.children:
+            if child.status_fd is not None and child.status_fd in ready:
+                self.read_status(child)
+        if self.control is not None and self.control.fileno() in ready:
+            self.answer_control()
+
+    # ---- the status channel ----
+
+    def read_status(self, child: Child) -> None:
+        """Read what is there (bounded), decode each line, act on it."""
+        try:
+            data = os.read(child.status_fd, STATUS_READ)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("%s: cannot read its status pipe (%s)", child.spec.name, exc)
+            data = b""
+        if not data:  # EOF: the process closed it or is gone; its exit is reaped as usual
+            child.close_status()
+            return
+        now = self.clock()
+        for item in child.lines.feed(data):
+            try:
+                if isinstance(item, status_ipc.StatusError):
+                    raise item
+                message = status_ipc.decode(item)
+            except status_ipc.StatusError as exc:
+                child.refused += 1
+                if child.refused <= 3 or child.refused % 100 == 0:  # garbage is logged, not a flood
+                    log.warning("%s (pid %s): status line refused (%s); %d refused so far",
+                                child.spec.name, child.pid, exc, child.refused)
+                continue
+            if isinstance(message, status_ipc.Status):
+                child.machine.beat(now)
+                child.status = message
+            else:
+                self.forward_problem(child.spec.name, message)
+
+    def forward_problem(self, role: str, problem: status_ipc.Problem) -> None:
+        """Pass an error record to the Sentry relay, never blocking: a full
+        pipe drops it (it is in the journal anyway)."""
+        if self.relay_stdin is None:
+            return
+        problem = status_ipc.Problem(problem.level, problem.logger, problem.message, problem.traceback, role)
+        line = status_ipc.encode_problem(problem)
+        if len(line) > status_ipc.MAX_LINE:
+            return
+        try:
+            os.write(self.relay_stdin, line)
         except BlockingIOError:
             pass
+        except OSError:
+            self._close_relay_stdin()
+
+    def _close_relay_stdin(self) -> None:
+        if self.relay_stdin is not None:
+            try:
+                os.close(self.relay_stdin)
+            except OSError:
+                pass
+            self.relay_stdin = None
+
+    def check_heartbeats(self) -> None:
+        now = self.clock()
+        for child in self.children:
+            if child.popen is not None and not child.killed_hung and child.machine.hung(now):
+                since = child.machine.last_beat
+                if since is None:
+                    log.error("%s (pid %d) sent no heartbeat within %.0f s of its start (hung?); killing it",
+                              child.spec.name, child.pid, child.machine.policy.first_beat_within)
+                else:
+                    log.error("%s (pid %d) sent no heartbeat for %.0f s (stopped or deadlocked); killing it",
+                              child.spec.name, child.pid, now - since)
+                child.killed_hung = True
+                self._kill(child)
+
+    # ---- what we know: for systemd and upparatctl ----
+
+    def child_by_name(self, name: str) -> Child | None:
+        return next((c for c in self.children if c.spec.name == name), None)
+
+    def _status_of(self, name: str) -> status_ipc.Status | None:
+        child = self.child_by_name(name)
+        return child.status if child and child.popen is not None else None
+
+    def installer_busy(self) -> bool:
+        status = self._status_of("installer")
+        return bool(status and status.busy)
+
+    def job_view(self) -> dict | None:
+        """The current job as the children report it: the broker's job and
+        phase, the fetcher's progress for it, the installer's busy flag."""
+        broker, fetcher, installer = (self._status_of(n) for n in ("broker", "fetcher", "installer"))
+        source = next((s for s in (broker, installer, fetcher) if s and s.job_id), None)
+        if source is None:
+            return None
+        view = {"job_id": source.job_id, "execution": source.execution, "phase": source.phase,
+                "busy": bool(installer and installer.busy and installer.job_id in (None, source.job_id)),
+                "bytes_done": None, "bytes_total": None, "rate": None}
+        if fetcher and fetcher.job_id == source.job_id:
+            view.update(bytes_done=fetcher.bytes_done, bytes_total=fetcher.bytes_total, rate=fetcher.rate)
+            if view["phase"] is None:
+                view["phase"] = fetcher.phase
+        return view
+
+    def snapshot(self) -> dict:
+        """What ``upparatctl status --json`` shows (version 1)."""
+        now = self.clock()
+        children = []
+        for child in self.children:
+            m = child.machine
+            alive = child.popen is not None
+            children.append({
+                "name": child.spec.name,
+                "state": m.state.value,
+                "pid": child.pid,
+                "uptime": round(now - m.started_at, 1) if alive and m.started_at is not None else None,
+                "restarts": m.restarts,
+                "last_beat_age": round(now - m.last_beat, 1) if alive and m.last_beat is not None else None,
+                "status": child.status.fields() if alive and child.status else {},
+            })
+        return {
+            "v": 1,
+            "supervisor": {"pid": os.getpid(), "uptime": round(now - self.started_at, 1),
+                           "separated": self.settings.ids.separated, "ready": self.ready,
+                           "reload_pending": self.reload_requested, "config": self.settings.path},
+            "children": children,
+            "job": self.job_view(),
+        }
+
+    def status_text(self) -> str:
+        """One line for systemctl status (STATUS=)."""
+        waiting = [c.spec.name for c in self.children if c.machine.state is not State.RUNNING
+                   or c.machine.last_beat is None]
+        job = self.job_view()
+        if job:
+            text = f"job {job['job_id']}"
+            if job["execution"] is not None:
+                text += f" (execution {job['execution']})"
+            text += f": {job['phase'] or 'in progress'}"
+            if job["bytes_done"] is not None:
+                text += f", {human_bytes(job['bytes_done'])}"
+                if job["bytes_total"]:
+                    text += f" of {human_bytes(job['bytes_total'])}"
+                if job["rate"]:
+                    text += f" at {human_bytes(job['rate'])}/s"
+        else:
+            broker = self._status_of("broker")
+            text = "idle" if broker and broker.subscribed else "connecting"
+        if waiting:
+            text += "; not running yet: " + ", ".join(
+                f"{name} ({self.child_by_name(name).machine.state.value})" for name in waiting)
+        if self.reload_requested:
+            text += "; reload waits for the installer"
+        return text
+
+    def notify_systemd(self) -> None:
+        now = self.clock()
+        if not self.ready and all(c.machine.last_beat is not None for c in self.children):
+            self.ready = True
+            log.info("all children run: %s", ", ".join(f"{c.spec.name} (pid {c.pid})" for c in self.children))
+            sd_notify("READY=1\nSTATUS=" + self.status_text())
+            self._last_status_text, self._status_sent_at = self.status_text(), now
+        elif self.ready and now - self._status_sent_at >= STATUS_NOTIFY_EVERY:
+            text = self.status_text()
+            if text != self._last_status_text:
+                sd_notify("STATUS=" + text)
+                self._last_status_text, self._status_sent_at = text, now
+        if self._watchdog and now >= self._watchdog_at:
+            sd_notify("WATCHDOG=1")  # the loop turns: every child is watched
+            self._watchdog_at = now + self._watchdog
+
+    # ---- the control socket ----
+
+    def open_control(self) -> None:
+        path = self.settings.layout.control_socket
+        if self.control is not None and self.control_path == path:
+            return
+        self.close_control()
+        try:
+            self.control = open_control_socket(path, self.settings.ids)
+            self.control_path = path
+        except OSError as exc:  # upparatctl will not work; supervision does
+            log.error("cannot listen on %s (%s); upparatctl status will not answer", path, exc)
+
+    def close_control(self) -> None:
+        if self.control is not None:
+            self.control.close()
+            try:
+                os.unlink(self.control_path)
+            except OSError:
+                pass
+        self.control = self.control_path = None
+
+    def answer_control(self) -> None:
+        """Send the snapshot to each waiting client and close. Nothing is
+        read from a client, and nothing here waits: a send that does not
+        fit at once (the snapshot is a few KiB) is cut off."""
+        for _ in range(CONTROL_ACCEPTS):
+            try:
+                conn, _ = self.control.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("control socket: %s", exc)
+                return
+            with conn:
+                try:
+                    conn.setblocking(False)
+                    conn.send(safejson.dumps(self.snapshot()) + b"\n")
+                except OSError:
+                    pass
 
     # ---- children ----
 
@@ -352,6 +735,8 @@ class Supervisor:
 
     def envelope(self, spec: ChildSpec) -> bytes:
         s = self.settings
+        if SENTRY in spec.receives:
+            return status_ipc.RelayHello(s.cfg.service.sentry, s.cfg.broker.thing_name, self.verbose).encode()
         return ChildSettings(
             role=spec.name, config_text=s.text, config_path=s.path, verbose=self.verbose,
             thing_name=self.thing_name, layout=s.layout, ids=s.ids,
@@ -370,15 +755,24 @@ class Supervisor:
 
     def spawn(self, child: Child) -> None:
         spec = child.spec
-        argv = [child_interpreter(), "-m", spec.module, "--from-supervisor"]
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        argv = [child_interpreter(), "-m", spec.module, "--from-supervisor", "--status-fd", str(write_fd)]
         target = self.drop_to(spec)
         # extra_groups=[]: user= alone keeps root's supplementary groups.
         drop = {"user": target[1], "group": target[2], "extra_groups": []} if target else {}
+        env = self.child_env()
+        stream = open_journal_stream(f"upparat-{spec.name}") if self._journal else None
+        output = {}
+        if stream is not None:
+            st = os.fstat(stream.fileno())
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+            output = {"stdout": stream.fileno(), "stderr": stream.fileno()}
         now = self.clock()
         try:
-            popen = subprocess.Popen(argv, stdin=subprocess.PIPE, cwd="/", close_fds=True,
-                                     env=self.child_env(), **drop)
+            popen = subprocess.Popen(argv, stdin=subprocess.PIPE, cwd="/", close_fds=True, pass_fds=(write_fd,),
+                                     env=env, **output, **drop)
         except (PermissionError, FileNotFoundError) as exc:
+            os.close(read_fd)
             who = f"user {target[0]}" if target else "this user"
             log.error("cannot start %s: %s. Fix: the interpreter %s (%s) and the upparat package must be "
                       "readable and executable by %s, also every directory above them (a Python "
@@ -389,19 +783,35 @@ class Supervisor:
             self.exit_code = codes.EXIT_FAILURE
             return
         except OSError as exc:  # e.g. EAGAIN from fork: may pass, so back off
+            os.close(read_fd)
             log.error("cannot start %s: %s", spec.name, exc)
             child.machine.spawned(now)
             self._after_exit(child, child.machine.exited(now, None), None)
             return
+        finally:
+            os.close(write_fd)  # the child has its copy; EOF on ours means it is gone
+            if stream is not None:
+                stream.close()
+        os.set_blocking(read_fd, False)
+        child.close_status()
         child.popen = popen
+        child.status_fd = read_fd
+        child.status = None
+        child.killed_hung = False
         child.machine.spawned(now)
         log.info("started %s (pid %d, %s%s)", spec.name, popen.pid, spec.module,
                  f", user {target[0]} uid {target[1]} gid {target[2]}" if target else f", uid {os.getuid()}")
-        if not self._write_envelope(child, self.envelope(spec)):
+        keep_open = SENTRY in spec.receives  # the relay reads problems on its stdin until it stops
+        if not self._write_envelope(child, self.envelope(spec), close=not keep_open):
             self._kill(child)
+        elif keep_open:
+            self._close_relay_stdin()
+            self.relay_stdin = os.dup(popen.stdin.fileno())
+            os.set_inheritable(self.relay_stdin, False)
+            popen.stdin.close()
 
-    def _write_envelope(self, child: Child, data: bytes) -> bool:
-        """Write the settings to the child's stdin and close it, bounded in time."""
+    def _write_envelope(self, child: Child, data: bytes, close: bool = True) -> bool:
+        """Write the settings to the child's stdin (and close it), bounded in time."""
         stdin = child.popen.stdin
         fd = stdin.fileno()
         os.set_blocking(fd, False)
@@ -424,10 +834,11 @@ class Supervisor:
             log.error("%s (pid %d) exited before reading its settings", child.spec.name, child.pid)
             return True  # its exit status, reaped as usual, says why
         finally:
-            try:
-                stdin.close()
-            except OSError:
-                pass
+            if close:
+                try:
+                    stdin.close()
+                except OSError:
+                    pass
 
     def _kill(self, child: Child) -> None:
         try:
@@ -444,12 +855,20 @@ class Supervisor:
             if returncode is None:
                 continue
             pid = child.popen.pid
+            if child.status_fd is not None:
+                self.read_status(child)  # its last words: a problem record before it died
+            child.close_status()
             child.popen = None
+            child.status = None
+            if child.spec is RELAY:
+                self._close_relay_stdin()
             self._after_exit(child, child.machine.exited(now, returncode), returncode, pid)
 
     def _after_exit(self, child: Child, state: State, returncode: int | None, pid: int | None = None) -> None:
         name = child.spec.name
         how = describe_exit(returncode)
+        if child.killed_hung:
+            how += " after it stopped beating"
         pid_text = f" (pid {pid})" if pid else ""
         if state is State.STOPPED:
             log.info("%s%s stopped: %s", name, pid_text, how)
@@ -486,6 +905,7 @@ class Supervisor:
                     child.popen.send_signal(signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+        self._close_relay_stdin()
         deadline = self.clock() + timeout
         while any(c.popen for c in self.children) and self.clock() < deadline:
             self.reap()
@@ -502,33 +922,54 @@ class Supervisor:
                     log.error("%s (pid %d) survived SIGKILL for %.0f s; giving up on it",
                               child.spec.name, child.pid, KILL_WAIT)
                     child.popen = None
+                    child.close_status()
                     child.machine.exited(self.clock(), None)
         self.reap()
 
     def reload(self) -> None:
+        """Apply a requested reload, unless the installer is busy: a hook
+        or staging is never interrupted; the reload waits for it."""
+        if self.installer_busy():
+            if not self._reload_deferred_logged:
+                job = self.job_view() or {}
+                log.info("reload deferred: the installer is busy (job %s, %s); applying it when it is done",
+                         job.get("job_id"), job.get("phase"))
+                self._reload_deferred_logged = True
+            return
         self.reload_requested = False
         try:
             settings = load_settings(self.settings.path, self.thing_name)
         except config_mod.ConfigError as exc:
             log.error("configuration error, keeping the running configuration: %s", exc)
             return
+        log.info("reloading: restarting the children with the new configuration")
         self.stop_all()
         self.settings = settings
         logging.getLogger().setLevel(logging.DEBUG if self.verbose else settings.cfg.service.log_level)
+        self.open_control()
+        self.ready = False  # READY again once all children beat; systemd needs no second READY=1
         self.start_all()
+
+    def relay_spec_present(self) -> bool:
+        return any(c.spec is RELAY for c in self.children)
 
     def next_timeout(self) -> float:
         now = self.clock()
         deadlines = [d for c in self.children if (d := c.machine.next_deadline()) is not None]
+        if self._watchdog:
+            deadlines.append(self._watchdog_at)
         return min([MAX_POLL] + [d - now for d in deadlines])
 
     def run(self) -> int:
         """Start the children and supervise them until stopped; returns the exit code."""
         self.install_signals()
+        problems = None
+        if self.relay_spec_present():
+            problems = RelayHandler(self)
+            logging.getLogger().addHandler(problems)
         try:
+            self.open_control()
             self.start_all()
-            if self.exit_code is None:
-                sd_notify("READY=1\nSTATUS=supervising " + ", ".join(c.spec.name for c in self.children))
             while self.exit_code is None:
                 self.dispatch_signals()
                 self.reap()  # also without SIGCHLD, as a safety net
@@ -536,12 +977,17 @@ class Supervisor:
                     break
                 if self.reload_requested:
                     self.reload()
+                self.check_heartbeats()
                 self.start_due()
+                self.notify_systemd()
                 self._wait(self.next_timeout())
         finally:
             sd_notify("STOPPING=1")
             self.stop_all()
+            self.close_control()
             self.restore_signals()
+            if problems:
+                logging.getLogger().removeHandler(problems)
         fatal = [c.spec.name for c in self.children if c.machine.state is State.FATAL]
         if fatal:
             log.error("stopped because of a structural fault in: %s", ", ".join(fatal))
@@ -574,6 +1020,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-c", "--config-file", required=True, metavar="CONFIG", help="INI configuration file")
     parser.add_argument("-v", "--verbose", action="store_true", help="log level DEBUG")
     parser.add_argument("-t", "--thing-name", help="AWS IoT thing name (overrides [broker] thing_name)")
+    parser.add_argument("--prepare-directories", action="store_true",
+                        help="per-process systemd units (ExecStartPre=+): check the configuration, create "
+                             "every directory as the standalone children expect it, and exit")
     return parser.parse_args(argv)
 
 
@@ -597,7 +1046,11 @@ def main(argv: list[str] | None = None) -> int:
     launch.setup_logging("supervisor", logging.DEBUG if args.verbose else logging.INFO)
     os.umask(0o022)
     try:
-        settings = load_settings(args.config_file, args.thing_name)
+        settings = load_settings(args.config_file, args.thing_name,
+                                 STANDALONE_TMPDIR if args.prepare_directories else None)
+        if args.prepare_directories:
+            log.info("configuration checked; directories ready under %s", settings.layout.runtime_dir)
+            return codes.EXIT_OK
     except config_mod.ConfigError as exc:
         print(f"upparat-supervisor[{os.getpid()}]: configuration error: {exc}", file=sys.stderr)
         return codes.EXIT_USAGE

@@ -1,7 +1,8 @@
 """End to end: a real Mosquitto, the jobs emulator, a real HTTP file server,
 the real supervisor and its three children (as root: broker and fetcher as
-the unprivileged user). Each test creates a job and waits, with a deadline,
-for its terminal status."""
+their unprivileged users). Releases are signed with the sandbox's release
+key unless a test says otherwise. Each test creates a job and waits, with a
+deadline, for its terminal status."""
 
 import os
 import signal
@@ -51,6 +52,13 @@ def states(execution):
     return [h["statusDetails"].get("state") for h in execution["history"]]
 
 
+def installed(box, job_id):
+    """The file the install hook copied (the staged file is named <job id>.<execution>)."""
+    found = list(box.path("installed").glob(f"{job_id}.*"))
+    assert len(found) == 1, found
+    return found[0]
+
+
 def test_happy_path_installs_the_verified_file(sandbox):
     path = sandbox.add_file("fw-2.bin", os.urandom(300_000))
     sandbox.create_job("job-happy", sandbox.document("fw-2.bin", "2.0.0"))
@@ -59,7 +67,7 @@ def test_happy_path_installs_the_verified_file(sandbox):
     assert final["statusDetails"]["state"] == "complete_ready"
     assert states(final)[0] == "download_start"
     assert "installation_start" in states(final) and "reboot_start" in states(final)
-    assert sha256_of(sandbox.path("installed", "job-happy")) == sha256_of(path)
+    assert sha256_of(installed(sandbox, "job-happy")) == sha256_of(path)
     assert sandbox.path("state", "version").read_text().strip() == "2.0.0"
 
 
@@ -98,7 +106,7 @@ def test_sha256_mismatch_fails_verification_and_never_installs(sandbox):
     assert (final["status"], final["statusDetails"]["state"]) == ("FAILED", "verification_failed")
     assert "sha256" in final["statusDetails"]["message"]
     assert not sandbox.path("state", "install-ran").exists()
-    assert not sandbox.path("installed", "job-badhash").exists()
+    assert not list(sandbox.path("installed").glob("job-badhash*"))
 
 
 @pytest.mark.parametrize("child", ["broker", "fetcher", "installer"])
@@ -142,52 +150,71 @@ def test_broken_job_document_fails_with_a_reason_and_garbage_payloads_are_surviv
     assert child_pids(sandbox.supervisor.pid)["broker"] == broker_pid  # never crashed and restarted
 
 
-def test_signature_from_an_unknown_key_fails_and_a_good_one_installs(world_tmp):
-    from cryptography.hazmat.primitives import serialization
+@pytest.mark.parametrize("sandbox", [{"install": MARKING_INSTALL}], indirect=True)
+def test_only_a_release_signed_with_a_configured_key_installs(sandbox):
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from upparat import verify
+    from upparat import signature
+    from upparat.release import Release
 
-    trusted, stranger = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
-    pub = world_tmp / "release.pub"
-    pub.write_bytes(trusted.public_key().public_bytes(serialization.Encoding.PEM,
-                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
-    box = Sandbox(world_tmp / "box", hooks={"install": MARKING_INSTALL}, public_keys=[pub])
+    path = sandbox.add_file("fw-8.bin", os.urandom(10_000))
+    release = Release(version="8.0.0", meta="8.0.0", sha256=sha256_of(path), size=path.stat().st_size)
+    stranger = signature.sign(ed25519.Ed25519PrivateKey.generate(), release)
+    sandbox.create_job("job-stranger", sandbox.document("fw-8.bin", "8.0.0", signature=stranger))
+    final = sandbox.wait_for_job("job-stranger")
+    assert (final["status"], final["statusDetails"]["state"]) == ("FAILED", "verification_failed")
+    assert "signature" in final["statusDetails"]["message"]
+    sandbox.create_job("job-unsigned", sandbox.document("fw-8.bin", "8.0.0", sign=False))
+    final = sandbox.wait_for_job("job-unsigned")
+    assert (final["status"], final["statusDetails"]["state"]) == ("FAILED", "verification_failed")
+    assert "no signature" in final["statusDetails"]["message"]
+    # signed, then meta changed by whoever handled the document: the installer's own check refuses it
+    sandbox.create_job("job-changed", {**sandbox.document("fw-8.bin", "8.0.0"), "meta": "--evil"})
+    final = sandbox.wait_for_job("job-changed")
+    assert (final["status"], final["statusDetails"]["state"]) == ("FAILED", "verification_failed")
+    assert not sandbox.path("state", "install-ran").exists()
+    sandbox.create_job("job-signed", sandbox.document("fw-8.bin", "8.0.0"))
+    assert sandbox.wait_for_job("job-signed")["status"] == "SUCCEEDED", sandbox.logs()[-4000:]
+    assert sandbox.path("state", "install-ran").exists()
+
+
+AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the default runtime and staging directories are root's")
+
+
+@AS_ROOT
+def test_seed_config_refuses_unsigned_jobs_and_names_the_fix(world_tmp):
+    """The seed's own config as a 1.x user has it: no [supervisor], no
+    [verification], no locations. Every child must agree on the defaults, and
+    an unsigned job fails with a message that says what to do."""
+    box = Sandbox(world_tmp / "box", seed_style=True, signing=False)
     box.start()
     try:
-        path = box.add_file("fw-8.bin", os.urandom(10_000))
-        sha, size = sha256_of(path), path.stat().st_size
-        box.create_job("job-stranger", box.document("fw-8.bin", "8.0.0",
-                                                    signature=verify.sign(stranger, "8.0.0", sha, size)))
-        final = box.wait_for_job("job-stranger")
+        text = box.path("upparat.conf").read_text()
+        assert "[supervisor]" not in text and "download_location" not in text and "public_keys" not in text
+        box.add_file("fw-seed.bin", os.urandom(20_000))
+        # The default state directories outlive this test: a job id of its own each run.
+        job_id = f"job-seed-unsigned-{os.urandom(4).hex()}"
+        box.create_job(job_id, box.document("fw-seed.bin", "9.0.0"))
+        final = box.wait_for_job(job_id, timeout=60)
         assert (final["status"], final["statusDetails"]["state"]) == ("FAILED", "verification_failed")
-        assert "signature" in final["statusDetails"]["message"]
-        assert not box.path("state", "install-ran").exists()
-        box.create_job("job-unsigned", box.document("fw-8.bin", "8.0.0"))
-        final = box.wait_for_job("job-unsigned")
-        assert (final["status"], final["statusDetails"]["state"]) == ("FAILED", "invalid_job_document")
-        box.create_job("job-signed", box.document("fw-8.bin", "8.0.0",
-                                                  signature=verify.sign(trusted, "8.0.0", sha, size)))
-        assert box.wait_for_job("job-signed")["status"] == "SUCCEEDED", box.logs()[-4000:]
-        assert box.path("state", "install-ran").exists()
+        assert "[verification] public_keys" in final["statusDetails"]["message"]
+        assert "allow_unsigned" in final["statusDetails"]["message"]
+        assert os.path.exists("/run/upparat/installer/installer.sock")
     finally:
         box.stop()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the default runtime and staging directories are root's")
-def test_seed_style_config_with_every_default_runs_a_job_as_root(world_tmp):
-    """The config a user writes from the seed README: no [supervisor] section,
-    no download or staging location. Every child must agree on the defaults."""
+@AS_ROOT
+def test_seed_config_with_a_release_key_runs_a_signed_job_with_every_default(world_tmp):
+    """The README's quick start: the seed config plus [verification] public_keys."""
     box = Sandbox(world_tmp / "box", seed_style=True)
     box.start()
     try:
-        text = box.path("upparat.conf").read_text()
-        assert "[supervisor]" not in text and "download_location" not in text and "staging_location" not in text
         path = box.add_file("fw-seed.bin", os.urandom(20_000))
-        box.create_job("job-seed", box.document("fw-seed.bin", "9.0.0"))
-        final = box.wait_for_job("job-seed", timeout=60)
+        job_id = f"job-seed-{os.urandom(4).hex()}"  # the default state directories outlive this test
+        box.create_job(job_id, box.document("fw-seed.bin", "9.0.0"))
+        final = box.wait_for_job(job_id, timeout=60)
         assert final["status"] == "SUCCEEDED", box.logs()[-4000:]
-        assert sha256_of(box.path("installed", "job-seed")) == sha256_of(path)
-        assert os.path.exists("/run/upparat/installer/installer.sock")
+        assert sha256_of(installed(box, job_id)) == sha256_of(path)
     finally:
         box.stop()

@@ -1,6 +1,7 @@
-"""Promise 4 (DESIGN.md section 3): the unprivileged children have uid and gid
+"""Promise 4 (docs/contracts.md): the unprivileged children have uid and gid
 other than 0, no capabilities and no_new_privs, read from /proc/<pid>/status
-of the children the supervisor started. The installer stays root.
+of the children the supervisor started; broker and fetcher are two different
+users, each with its own primary group and no other. The installer stays root.
 
 Only meaningful when the tests run as root: started as another user, the
 supervisor runs everything as that user and there is nothing to drop.
@@ -8,7 +9,6 @@ supervisor runs everything as that user and there is nothing to drop.
 
 from __future__ import annotations
 
-import grp
 import os
 import pwd
 
@@ -53,14 +53,28 @@ def ids(line: str) -> list[int]:
     return [int(x) for x in line.split()]
 
 
+USERS = {"broker": "upparat", "fetcher": "upparat-fetch"}
+
+
+def test_all_three_children_were_found(running):
+    assert sorted(running[0]) == ["broker", "fetcher", "installer"]
+
+
 @pytest.mark.parametrize("name", ["broker", "fetcher"])
-def test_unprivileged_child_has_no_root_ids(running, name):
+def test_unprivileged_child_runs_as_its_own_user_with_its_own_group_only(running, name):
     status = running[0][name]
-    uid, gid = pwd.getpwnam("upparat").pw_uid, grp.getgrnam("upparat").gr_gid
-    assert ids(status["Uid"]) == [uid] * 4  # real, effective, saved, filesystem
-    assert ids(status["Gid"]) == [gid] * 4
-    assert 0 not in ids(status["Groups"])
-    assert ids(status["Groups"]) in ([], [gid])
+    account = pwd.getpwnam(USERS[name])
+    assert ids(status["Uid"]) == [account.pw_uid] * 4  # real, effective, saved, filesystem
+    assert ids(status["Gid"]) == [account.pw_gid] * 4
+    assert account.pw_uid != 0 and account.pw_gid != 0
+    assert ids(status["Groups"]) in ([], [account.pw_gid])
+
+
+def test_broker_and_fetcher_are_different_users_in_different_groups(running):
+    broker, fetcher = running[0]["broker"], running[0]["fetcher"]
+    assert ids(broker["Uid"])[0] != ids(fetcher["Uid"])[0]
+    assert ids(broker["Gid"])[0] != ids(fetcher["Gid"])[0]
+    assert ids(broker["Gid"])[0] not in ids(fetcher["Groups"])
 
 
 @pytest.mark.parametrize("name", ["broker", "fetcher"])
@@ -81,7 +95,9 @@ def test_children_get_a_minimal_environment(running):
     _, supervisor = running
     from tests.support import child_pids
 
-    for name, pid in child_pids(supervisor.pid).items():
+    pids = child_pids(supervisor.pid)
+    assert len(pids) == 3
+    for name, pid in pids.items():
         with open(f"/proc/{pid}/environ", "rb") as fh:
             keys = {item.split(b"=", 1)[0].decode() for item in fh.read().split(b"\0") if item}
         assert keys <= {"PATH", "LANG", "PYTHONUNBUFFERED", "PYTHONPATH"}, name

@@ -157,17 +157,21 @@ def test_config_writable_by_others_is_refused_as_root(world_tmp):
 
 
 def expected_dirs(world_tmp: Path) -> dict[Path, tuple[int, int, int]]:
+    """The layout of upparat/ipc/settings.py."""
     if IS_ROOT:
         uid, gid = pwd.getpwnam("upparat").pw_uid, grp.getgrnam("upparat").gr_gid
+        fuid, fgid = pwd.getpwnam("upparat-fetch").pw_uid, grp.getgrnam("upparat-fetch").gr_gid
         root_uid, root_gid = 0, 0
     else:
         uid, gid = os.getuid(), os.getgid()
+        fuid, fgid = uid, gid
         root_uid, root_gid = uid, gid
     return {
         world_tmp / "run": (root_uid, root_gid, 0o755),
-        world_tmp / "run" / "fetcher": (uid, gid, 0o700),
+        world_tmp / "run" / "fetcher": (fuid, gid, 0o2750),
         world_tmp / "run" / "installer": (root_uid, gid, 0o750),
-        world_tmp / "dl" / "upparat": (uid, gid, 0o750),
+        world_tmp / "run" / "control": (root_uid, gid, 0o750),
+        world_tmp / "dl" / "upparat": (fuid, fgid, 0o700),
         world_tmp / "staging": (root_uid, root_gid, 0o700),
     }
 
@@ -190,7 +194,7 @@ def test_directories_get_their_owners_and_modes(world_tmp, mosquitto, preexistin
         for path in expected:
             st = path.lstat()
             assert stat.S_ISDIR(st.st_mode), path
-            actual[path] = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+            actual[path] = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode) | (st.st_mode & stat.S_ISGID))
         assert actual == expected
         assert stat.S_IMODE((world_tmp / "dl").stat().st_mode) == 0o1777
     finally:

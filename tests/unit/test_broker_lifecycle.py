@@ -1,21 +1,31 @@
-"""The job lifecycle (broker_proc.lifecycle.Agent) with hand-written fakes for
-the MQTT connection, the fetcher and the installer."""
+"""The broker's job lifecycle against the real AWS side (the emulator's pure
+JobStore) and small hand-written fakes of the installer and fetcher that
+follow their protocols. A fake clock drives the deadlines; messages are
+delivered by ``World.settle`` until nothing moves, so every test is
+deterministic and fast."""
+
+from __future__ import annotations
 
 import json
+from collections import deque
+from dataclasses import dataclass, field, replace
 
 import pytest
 
 from upparat import config
-from upparat.broker_proc.lifecycle import Agent
+from upparat.broker_proc import lifecycle
+from upparat.broker_proc.lifecycle import Agent, Phase
+from upparat.devtools.jobs_emulator_store import JobStore
 from upparat.ipc import fetcher_protocol as fp
 from upparat.ipc import installer_protocol as ip
-from upparat.ipc.wire import IpcTimeout, Refused
+from upparat.ipc.wire import BUSY, NOT_PERMITTED, Refused
+from upparat.release import Release
 
+THING = "thing-1"
 SHA = "a" * 64
-T = "$aws/things/dev1/jobs"
 
 
-class FakeClock:
+class Clock:
     def __init__(self):
         self.now = 1000.0
 
@@ -23,267 +33,562 @@ class FakeClock:
         return self.now
 
 
+class FakeClient:
+    garbage = 0
+
+
+@dataclass
+class Record:
+    release: Release
+    phase: str = ip.OPENED
+    hook: ip.HookRun | None = None
+    failure: str | None = None
+    message: str = ""
+
+
 class FakeInstaller:
-    """Answers hooks from a script: hook -> list of (state, exit, output) per run."""
+    """The installer's protocol, with instant staging and scripted hooks."""
 
-    def __init__(self, script):
-        self.script = {k: list(v) for k, v in script.items()}
-        self.runs = []
-        self.current = {}
-        self.staged = []
-        self.timeout_next = False
+    def __init__(self, world):
+        self.world = world
+        self.client = FakeClient()
+        self.records: dict[tuple[str, int], Record] = {}
+        self.open: tuple[str, int] | None = None
+        self.outputs = {"version": "1.0.0"}  # hook -> last stdout line
+        self.exits: dict[str, int] = {}  # hook -> exit code (default 0)
+        self.hold: set[str] = set()  # hooks that keep running until finish_hook()
+        self.runs: list[tuple[str, int]] = []  # (hook, round) actually started
+        self.calls: list[str] = []
+        self.open_failure: tuple[str, str] | None = None
 
-    def with_timeout(self, _):
-        return self
+    def _state(self, key, seq=0) -> ip.JobState:
+        rec = self.records.get(key)
+        if rec is None:
+            return ip.JobState(seq=seq, job_id=key[0], execution=key[1], phase=ip.NONE, failure=None, message="",
+                               hook=None)
+        return ip.JobState(seq=seq, job_id=key[0], execution=key[1], phase=rec.phase, failure=rec.failure,
+                           message=rec.message, hook=rec.hook)
 
-    def request(self, msg):
-        if self.timeout_next:
-            self.timeout_next = False
-            raise IpcTimeout("silent")
-        if isinstance(msg, ip.RunHook):
-            self.runs.append((msg.hook, msg.meta, msg.force))
-            state, code, out = self.script[msg.hook].pop(0)
-            self.current[(msg.job_id, msg.seq)] = (msg.hook, state, code, out)
-            return ip.HookStatus(job_id=msg.job_id, seq=msg.seq, hook=msg.hook, state=ip.RUNNING,
-                                 exit_code=None, attempt=0, output="", message="")
-        if isinstance(msg, ip.QueryHook):
-            hook, state, code, out = self.current[(msg.job_id, msg.seq)]
-            return ip.HookStatus(job_id=msg.job_id, seq=msg.seq, hook=hook, state=state,
-                                 exit_code=code, attempt=0, output=out, message="")
-        if isinstance(msg, ip.Stage):
-            self.staged.append(msg)
-            return ip.StageStatus(job_id=msg.job_id, seq=msg.seq, state=ip.STAGED, failure=None, message="")
-        if isinstance(msg, ip.Discard):
-            return ip.Discarded(job_id=msg.job_id, seq=msg.seq)
-        raise AssertionError(msg)
+    def _reply(self, message):
+        self.world.to_agent.append(("installer", message))
+        return True
+
+    def ping(self):
+        self.calls.append("ping")
+        phase = self.records[self.open].phase if self.open else None
+        return self._reply(ip.Pong(seq=1, pid=1, job_id=self.open[0] if self.open else None,
+                                   execution=self.open[1] if self.open else None, phase=phase))
+
+    def open_job(self, job_id, execution, release):
+        self.calls.append("open_job")
+        key = (job_id, execution)
+        if self.open is not None and self.open != key:
+            return self._reply(Refused(seq=1, code=BUSY, reason=f"job {self.open[0]} is open"))
+        if key not in self.records:
+            self.records[key] = Record(release)
+            if self.open_failure:
+                self.records[key].phase = ip.FAILED
+                self.records[key].failure, self.records[key].message = self.open_failure
+        self.open = key
+        return self._reply(self._state(key))
+
+    def query_job(self, job_id, execution):
+        self.calls.append("query_job")
+        return self._reply(self._state((job_id, execution)))
+
+    def stage(self, job_id, execution):
+        self.calls.append("stage")
+        key = (job_id, execution)
+        rec = self.records[key]
+        if rec.phase == ip.OPENED:
+            rec.phase = ip.STAGED
+            rec.message = "staged"
+        return self._reply(self._state(key))
+
+    def run_hook(self, job_id, execution, hook, round=0):  # noqa: A002
+        self.calls.append(f"run_hook {hook}")
+        key = (job_id, execution)
+        rec = self.records.get(key)
+        if rec is None:
+            return self._reply(Refused(seq=1, code=NOT_PERMITTED, reason="no such job"))
+        if rec.hook is not None and (rec.hook.hook, rec.hook.round) == (hook, round) and \
+                rec.phase != ip.INSTALL_INTERRUPTED:
+            return self._reply(self._state(key))  # idempotent
+        if rec.hook is not None and rec.hook.state == ip.RUNNING:
+            return self._reply(Refused(seq=1, code=BUSY, reason="a hook runs"))
+        self.runs.append((hook, round))
+        rec.hook = ip.HookRun(hook=hook, round=round, state=ip.RUNNING, exit_code=None, attempt=0, output="",
+                              message="running")
+        if hook == "install":
+            rec.phase = ip.INSTALLING
+        if hook == "restart":
+            rec.phase = ip.RESTARTING
+        self._reply(self._state(key))
+        if hook not in self.hold:
+            self.finish_hook(key)
+        return True
+
+    def finish_hook(self, key):
+        rec = self.records[key]
+        hook = rec.hook.hook
+        code = self.exits.get(hook, 0)
+        output = self.outputs.get(hook, "")
+        if callable(output):
+            output = output()
+        state = ip.DONE if code == 0 else ip.HOOK_FAILED
+        rec.hook = replace(rec.hook, state=state, exit_code=code, output=output, message=f"exit code {code}")
+        if code == 0 and hook == "install":
+            rec.phase = ip.INSTALLED
+        elif code == 0 and hook == "restart":
+            rec.phase = ip.RESTARTED
+        elif code != 0:
+            rec.phase = ip.FAILED
+            rec.failure = lifecycle.FAILED_STATE[hook]
+        self.world.to_agent.append(("installer", self._state(key)))
+
+    def discard(self, job_id, execution):
+        self.calls.append("discard")
+        key = (job_id, execution)
+        if key in self.records:
+            self.records[key].phase = ip.DISCARDED
+            self.records[key].hook = None
+        if self.open == key:
+            self.open = None
+        return self._reply(self._state(key))
+
+    def crash(self):
+        """The installer restarts: a running install is interrupted, a restart counts as done."""
+        for rec in self.records.values():
+            if rec.hook is not None and rec.hook.state == ip.RUNNING:
+                rec.hook = replace(rec.hook, state=ip.HOOK_FAILED, message="interrupted")
+            if rec.phase == ip.INSTALLING:
+                rec.phase = ip.INSTALL_INTERRUPTED
+            elif rec.phase == ip.RESTARTING:
+                rec.phase = ip.RESTARTED
 
 
 class FakeFetcher:
-    def __init__(self, outcome=("done", None, "")):
-        self.outcome = outcome
-        self.fetches = []
+    def __init__(self, world):
+        self.world = world
+        self.client = FakeClient()
+        self.calls: list[str] = []
+        self.failure: tuple[str, str] | None = None  # (failure, message) for the next fetch
+        self.hold = False
 
-    def request(self, msg):
-        if isinstance(msg, fp.Fetch):
-            self.fetches.append(msg)
-        state, failure, text = self.outcome
-        if isinstance(msg, fp.CancelFetch):
-            state, failure, text = fp.CANCELLED, None, ""
-        return fp.FetchStatus(job_id=msg.job_id, seq=msg.seq, state=state, bytes_done=3, bytes_total=3,
-                              failure=failure, message=text)
+    def _status(self, job_id, execution, state, failure=None, message=""):
+        return fp.FetchStatus(seq=0, job_id=job_id, execution=execution, state=state, bytes_done=0,
+                              bytes_total=100, rate=0, failure=failure, message=message)
 
+    def ping(self):
+        return True
 
-def make_agent(tmp_path, hooks=("version", "install", "restart", "ready"), fetcher=None, installer=None, extra=""):
-    lines = ["[broker]", "thing_name = dev1", "[hooks]", "retry_interval = 0", "version_confirm_window = 30"]
-    for h in hooks:
-        lines.append(f"{h} = /bin/true")
-    cfg = config.parse("\n".join(lines) + "\n" + extra)
-    sent = []
-    clock = FakeClock()
-    agent = Agent(cfg, lambda t, p: sent.append((t, json.loads(p) if p else {})), fetcher or FakeFetcher(),
-                  installer, clock=clock)
-    agent.handle_connected()
-    return agent, sent, clock
+    def fetch(self, job_id, execution, url, release):
+        self.calls.append(f"fetch {url}")
+        self.world.to_agent.append(("fetcher", self._status(job_id, execution, fp.RUNNING)))
+        if not self.hold:
+            if self.failure:
+                failure, message = self.failure
+                self.failure = None
+                self.world.to_agent.append(("fetcher", self._status(job_id, execution, fp.FAILED, failure, message)))
+            else:
+                self.world.to_agent.append(("fetcher", self._status(job_id, execution, fp.DONE)))
+        return True
 
+    def query_fetch(self, job_id, execution):
+        self.calls.append("query_fetch")
+        return True
 
-def execution(job_id="j1", status="QUEUED", details=None, **doc):
-    document = {"version": "2.0", "file": "https://example.invalid/fw.bin", "sha256": SHA, "size": 3}
-    document.update(doc)
-    body = {"jobId": job_id, "status": status, "versionNumber": 1, "executionNumber": 1, "jobDocument": document}
-    if details:
-        body["statusDetails"] = details
-    return json.dumps({"timestamp": 1, "execution": body}).encode()
-
-
-def updates(sent):
-    return [(p["status"], p["statusDetails"]["state"], p["statusDetails"]) for t, p in sent if t.endswith("/update")]
+    def cancel_fetch(self, job_id, execution):
+        self.calls.append("cancel_fetch")
+        self.world.to_agent.append(("fetcher", self._status(job_id, execution, fp.CANCELLED)))
+        return True
 
 
-def accept_all(agent, sent):
-    for t, p in list(sent):
-        if t.endswith("/update") and p["clientToken"] in agent.outbox:
-            agent.handle_message(t + "/accepted", json.dumps({"timestamp": 1, "clientToken": p["clientToken"]}).encode())
+HOOKS = ("version", "download", "install", "restart", "ready")
 
 
-def start_job(agent, **doc):
-    agent.handle_message(f"{T}/get/accepted", json.dumps({"inProgressJobs": [], "queuedJobs": [{"jobId": "j1"}]}).encode())
-    agent.handle_message(f"{T}/j1/get/accepted", execution(**doc))
+def make_config(tmp_path, hooks=HOOKS, extra=""):
+    lines = ["[broker]", f"thing_name = {THING}", "[hooks]"]
+    for name in hooks:
+        hook = tmp_path / f"{name}.sh"
+        hook.write_text("#!/bin/sh\n")
+        hook.chmod(0o755)
+        lines.append(f"{name} = {hook}")
+    lines.append("version_confirm_window = 30")
+    return config.parse("\n".join(lines) + "\n" + extra, check_files=False)
 
 
-def drive(agent, sent, clock, steps=20):
-    for _ in range(steps):
-        accept_all(agent, sent)
-        clock.now += 1
-        agent.tick()
-        accept_all(agent, sent)
+class World:
+    def __init__(self, tmp_path, hooks=HOOKS, store=None, state_dir=None):
+        self.clock = Clock()
+        self.store = store or JobStore(presign=lambda url: url.replace("s3", "presigned"), clock=self.clock)
+        self.cfg = make_config(tmp_path, hooks)
+        self.installer = FakeInstaller(self)
+        self.fetcher = FakeFetcher(self)
+        self.to_agent: deque = deque()
+        self.mqtt: deque = deque()
+        self.published: list[tuple[str, dict]] = []
+        self.drop = None  # predicate (topic, payload) -> True to lose an MQTT message to the device
+        self.state_dir = state_dir or tmp_path / "broker-state"
+        self.state_dir.mkdir(exist_ok=True)
+        self.agent = self.new_agent()
+
+    def new_agent(self) -> Agent:
+        agent = Agent(self.cfg, self.publish, self.installer, self.fetcher, self.state_dir, clock=self.clock)
+        self.agent = agent
+        return agent
+
+    def publish(self, topic, payload):
+        self.published.append((topic, json.loads(payload) if payload else {}))
+        for publication in self.store.handle(topic, payload):
+            self.mqtt.append(publication)
+
+    def emit(self, publications):
+        self.mqtt.extend(publications)
+
+    def settle(self, limit=2000):
+        for _ in range(limit):
+            if self.mqtt:
+                pub = self.mqtt.popleft()
+                if self.drop and self.drop(pub.topic, pub.payload):
+                    continue
+                self.agent.handle_message(pub.topic, json.dumps(pub.payload).encode())
+            elif self.to_agent:
+                peer, message = self.to_agent.popleft()
+                (self.agent.handle_installer if peer == "installer" else self.agent.handle_fetcher)(message)
+            else:
+                self.agent.on_time()
+                if not self.mqtt and not self.to_agent:
+                    return
+        raise AssertionError("the world did not settle")
+
+    def connect(self):
+        self.agent.handle_connected()
+        self.settle()
+
+    def advance(self, seconds, step=1.0):
+        end = self.clock.now + seconds
+        while self.clock.now < end:
+            self.clock.now = min(end, self.clock.now + step)
+            self.settle()
+
+    def create(self, job_id, version="2.0.0", **doc):
+        document = {"version": version, "file": "${aws:iot:s3-presigned-url:https://b.s3.x/fw}",
+                    "sha256": SHA, "size": 100, "meta": "m", **doc}
+        self.emit(self.store.create_job(job_id, document, [THING]))
+        self.settle()
+
+    def execution(self, job_id):
+        return self.store.execution(job_id, THING)
+
+    def states(self, job_id):
+        return [h["statusDetails"].get("state") for h in self.execution(job_id)["history"]]
 
 
-def test_happy_path_reports_each_step_and_succeeds(tmp_path):
-    inst = FakeInstaller({"version": [("done", 0, "1.0"), ("done", 0, "2.0")], "install": [("done", 0, "")],
-                          "restart": [("done", 0, "")], "ready": [("done", 0, "")]})
-    agent, sent, clock = make_agent(tmp_path, installer=inst)
-    start_job(agent)
-    drive(agent, sent, clock)
-    states = [s for _, s, _ in updates(sent)]
-    assert states == ["download_start", "installation_start", "reboot_start", "complete_ready"]
-    assert updates(sent)[-1][0] == "SUCCEEDED"
-    assert [r[0] for r in inst.runs] == ["version", "install", "restart", "version", "ready"]
-    assert inst.staged[0].sha256 == SHA
-    assert agent.run is None
+@pytest.fixture
+def world(tmp_path):
+    w = World(tmp_path)
+    w.connect()
+    return w
 
 
-def test_version_already_installed_succeeds_without_download(tmp_path):
-    inst = FakeInstaller({"version": [("done", 0, "2.0")]})
-    fetcher = FakeFetcher()
-    agent, sent, clock = make_agent(tmp_path, installer=inst, fetcher=fetcher)
-    start_job(agent)
-    drive(agent, sent, clock)
-    assert updates(sent)[-1][:2] == ("SUCCEEDED", "version_already_installed")
-    assert fetcher.fetches == []
+def final(world, job_id):
+    ex = world.execution(job_id)
+    return ex["status"], ex["statusDetails"].get("state")
 
 
-def test_document_without_sha256_fails_with_a_fix(tmp_path):
-    inst = FakeInstaller({})
-    agent, sent, clock = make_agent(tmp_path, installer=inst)
-    start_job(agent, sha256=None)
-    status, state, details = updates(sent)[-1]
-    assert (status, state) == ("FAILED", "invalid_job_document")
-    assert "require_sha256 = false" in details["message"]
-    assert inst.runs == []
+# ----- the happy path and the hooks' outcomes --------------------------------
+
+def test_job_runs_through_every_phase_and_succeeds(world):
+    world.installer.outputs["version"] = lambda: "2.0.0" if ("restart", 0) in world.installer.runs else "1.0.0"
+    world.create("job-1")
+    assert final(world, "job-1") == ("SUCCEEDED", "complete_ready")
+    assert world.states("job-1") == ["download_start", "installation_start", "reboot_start", "complete_ready"]
+    assert [h for h, _ in world.installer.runs] == ["version", "download", "install", "restart", "version", "ready"]
+    assert world.installer.calls[-1] == "discard" and world.agent.job is None
+    assert "cancel_fetch" in world.fetcher.calls
 
 
-@pytest.mark.parametrize("doc", [{"version": "1\n2"}, {"file": 5}, {"force": "yes"}, {"size": -1}, {"sha256": "xyz"}])
-def test_broken_documents_fail_as_invalid(tmp_path, doc):
-    agent, sent, clock = make_agent(tmp_path, installer=FakeInstaller({}))
-    start_job(agent, **doc)
-    assert updates(sent)[-1][:2] == ("FAILED", "invalid_job_document")
+def test_version_already_installed_succeeds_without_a_download(world):
+    world.installer.outputs["version"] = "2.0.0"
+    world.create("job-same")
+    assert final(world, "job-same") == ("SUCCEEDED", "version_already_installed")
+    assert not [c for c in world.fetcher.calls if c.startswith("fetch")]
 
 
-def test_malformed_mqtt_payloads_are_dropped_and_work_goes_on(tmp_path):
-    inst = FakeInstaller({"version": [("done", 0, "2.0")]})
-    agent, sent, clock = make_agent(tmp_path, installer=inst)
-    for payload in (b"\xff\xfe", b"[1,2]", b"{not json", b"x" * 300_000, b'{"execution": 5}'):
-        agent.handle_message(f"{T}/notify-next", payload)
-        agent.handle_message(f"{T}/get/accepted", payload)
-        agent.handle_message(f"{T}/j1/get/accepted", payload)
-    start_job(agent)
-    drive(agent, sent, clock)
-    assert updates(sent)[-1][:2] == ("SUCCEEDED", "version_already_installed")
+def test_install_hook_failure_fails_the_job_and_cleans_up(world):
+    world.installer.exits["install"] = 1
+    world.create("job-fail")
+    assert final(world, "job-fail") == ("FAILED", "installation_hook_failed")
+    assert world.installer.records[("job-fail", 1)].phase == ip.DISCARDED
 
 
-def test_install_hook_failure_fails_job_and_skips_restart(tmp_path):
-    inst = FakeInstaller({"version": [("done", 0, "1.0")], "install": [("failed", 1, "boom")]})
-    agent, sent, clock = make_agent(tmp_path, installer=inst)
-    start_job(agent)
-    drive(agent, sent, clock)
-    status, state, details = updates(sent)[-1]
-    assert (status, state) == ("FAILED", "installation_hook_failed")
-    assert "exit code 1" in details["message"]
-    assert "restart" not in [r[0] for r in inst.runs]
+def test_installers_verification_failure_is_the_jobs_failure(world):
+    world.installer.open_failure = ("rollback_refused", "serial 3 is lower than the installed serial 5")
+    world.create("job-old", serial=3)
+    assert final(world, "job-old") == ("FAILED", "rollback_refused")
+    assert "serial 3" in world.execution("job-old")["statusDetails"]["message"]
+    assert world.installer.runs == []
 
 
-def test_verification_failure_from_fetcher_fails_without_install(tmp_path):
-    inst = FakeInstaller({"version": [("done", 0, "1.0")]})
-    fetcher = FakeFetcher(("failed", "verification_failed", "sha256 differs"))
-    agent, sent, clock = make_agent(tmp_path, installer=inst, fetcher=fetcher)
-    start_job(agent)
-    drive(agent, sent, clock)
-    assert updates(sent)[-1][:2] == ("FAILED", "verification_failed")
-    assert "install" not in [r[0] for r in inst.runs]
+def test_force_skips_version_and_download_hooks(world):
+    world.installer.outputs["version"] = lambda: "2.0.0" if ("restart", 0) in world.installer.runs else "1.0.0"
+    world.create("job-force", force=True)
+    assert final(world, "job-force") == ("SUCCEEDED", "complete_ready")
+    assert [h for h, _ in world.installer.runs][:2] == ["install", "restart"]
 
 
-def test_reboot_start_found_at_startup_confirms_version_then_ready(tmp_path):
-    inst = FakeInstaller({"version": [("done", 0, "2.0")], "ready": [("done", 0, "")]})
-    agent, sent, clock = make_agent(tmp_path, installer=inst)
-    agent.handle_message(f"{T}/get/accepted", json.dumps({"inProgressJobs": [{"jobId": "j1"}]}).encode())
-    agent.handle_message(f"{T}/j1/get/accepted", execution(status="IN_PROGRESS", details={"state": "reboot_start"}))
-    drive(agent, sent, clock)
-    assert [s for _, s, _ in updates(sent)] == ["complete_ready"]
+def test_invalid_document_fails_with_a_reason_and_runs_nothing(world):
+    world.emit(world.store.create_job("job-bad", {"version": "1\n2", "file": "https://x/y"}, [THING]))
+    world.settle()
+    assert final(world, "job-bad") == ("FAILED", "invalid_job_document")
+    assert "version" in world.execution("job-bad")["statusDetails"]["message"]
+    assert world.installer.runs == [] and "open_job" not in world.installer.calls
 
 
-def test_version_mismatch_after_reboot_fails(tmp_path):
-    inst = FakeInstaller({"version": [("done", 0, "1.0")]})
-    agent, sent, clock = make_agent(tmp_path, installer=inst)
-    agent.handle_message(f"{T}/get/accepted", json.dumps({"inProgressJobs": [{"jobId": "j1"}]}).encode())
-    agent.handle_message(f"{T}/j1/get/accepted", execution(status="IN_PROGRESS", details={"state": "reboot_start"}))
-    drive(agent, sent, clock)
-    status, state, details = updates(sent)[-1]
-    assert (status, state) == ("FAILED", "version_mismatch")
+def test_version_mismatch_after_restart_is_asked_again_within_the_window(world):
+    world.installer.outputs["version"] = "1.0.0"
+    world.create("job-mismatch")
+    world.advance(40, step=0.5)
+    assert final(world, "job-mismatch") == ("FAILED", "version_mismatch")
+    confirm_rounds = [r for h, r in world.installer.runs if h == "version"]
+    assert len(confirm_rounds) > 3 and confirm_rounds[-1] > 0
 
 
-def test_soft_restart_version_is_asked_again_within_the_window(tmp_path):
-    inst = FakeInstaller({"version": [("done", 0, "1.0"), ("done", 0, "1.0"), ("done", 0, "2.0")],
-                          "install": [("done", 0, "")], "restart": [("done", 0, "")], "ready": [("done", 0, "")]})
-    agent, sent, clock = make_agent(tmp_path, installer=inst)
-    start_job(agent)
-    drive(agent, sent, clock, steps=40)
-    assert updates(sent)[-1][:2] == ("SUCCEEDED", "complete_ready")
-    assert [r[0] for r in inst.runs].count("version") == 3
+def test_a_hook_that_never_answers_fails_at_the_phase_deadline(world):
+    world.installer.hold.add("install")
+    world.create("job-hang")
+    assert world.agent.job.phase is Phase.INSTALL
+    world.advance(lifecycle.PEER_LIMIT + 5, step=5)  # the installer answers queries, the hook runs on
+    assert world.agent.job.phase is Phase.INSTALL
+    world.installer.client.garbage = lifecycle.GARBAGE_LIMIT + 1  # now it answers only garbage
+    world.advance(2)
+    assert final(world, "job-hang") == ("FAILED", "installation_hook_failed")
+    assert "unusable" in world.execution("job-hang")["statusDetails"]["message"]
 
 
-def test_jobs_outside_the_prefix_are_never_touched(tmp_path):
-    agent, sent, clock = make_agent(tmp_path, installer=FakeInstaller({}), extra="[service]\njob_prefix = upparat_\n")
-    agent.handle_message(f"{T}/get/accepted", json.dumps({"queuedJobs": [{"jobId": "other"}]}).encode())
-    assert not any("/other/" in t for t, _ in sent)
-    assert agent.run is None
+# ----- crash consistency --------------------------------------------------
+
+def test_broker_restarted_during_install_waits_for_it_and_runs_install_once(world):
+    world.installer.hold.add("install")
+    world.installer.outputs["version"] = lambda: "2.0.0" if ("restart", 0) in world.installer.runs else "1.0.0"
+    world.create("job-crash")
+    assert world.agent.job.phase is Phase.INSTALL
+    world.new_agent()  # broker_proc killed and restarted; the installer keeps running the hook
+    world.connect()
+    assert world.agent.job.phase is Phase.INSTALL
+    world.installer.finish_hook(("job-crash", 1))
+    world.settle()
+    assert world.installer.runs.count(("install", 0)) == 1
+    assert final(world, "job-crash") == ("SUCCEEDED", "complete_ready")
+    assert world.states("job-crash").count("installation_start") == 1
 
 
-def test_final_status_is_resent_until_accepted(tmp_path):
-    inst = FakeInstaller({"version": [("done", 0, "2.0")]})
-    agent, sent, clock = make_agent(tmp_path, installer=inst)
-    start_job(agent)
-    agent.tick()
-    final = [p for t, p in sent if t.endswith("/update")][-1]
-    agent.handle_disconnected()
-    clock.now += 100
-    agent.tick()
-    agent.handle_connected()
-    resent = [p for t, p in sent if t.endswith("/update") and p["clientToken"] == final["clientToken"]]
-    assert len(resent) == 2
-    assert agent.run is not None  # still waiting for the acceptance
-    accept_all(agent, sent)
-    assert agent.run is None
+def test_broker_restarted_right_after_install_goes_on_to_restart(world):
+    world.installer.hold.add("restart")
+    world.installer.outputs["version"] = lambda: "2.0.0" if ("restart", 0) in world.installer.runs else "1.0.0"
+    world.create("job-after")
+    assert world.agent.job.phase is Phase.RESTART
+    world.new_agent()
+    world.connect()
+    assert world.agent.job.phase is Phase.RESTART
+    world.installer.finish_hook(("job-after", 1))
+    world.settle()
+    assert final(world, "job-after") == ("SUCCEEDED", "complete_ready")
+    assert world.installer.runs.count(("install", 0)) == 1 and world.installer.runs.count(("restart", 0)) == 1
+    assert world.states("job-after").count("installation_start") == 1
 
 
-def test_cancelled_job_is_abandoned(tmp_path):
-    inst = FakeInstaller({"version": [("running", None, "")]})
-    agent, sent, clock = make_agent(tmp_path, installer=inst)
-    start_job(agent)
-    agent.handle_message(f"{T}/notify", json.dumps({"timestamp": 1, "jobs": {}}).encode())
-    assert sent[-1][0] == f"{T}/j1/get"
-    body = json.loads(execution(status="CANCELED"))
-    agent.handle_message(f"{T}/j1/get/accepted", json.dumps(body).encode())
-    assert agent.run is None
-    assert updates(sent) == []
+def test_device_reboot_during_restart_confirms_and_succeeds(world):
+    world.installer.hold.add("restart")
+    world.create("job-reboot")
+    world.installer.crash()  # the reboot: installer and broker start afresh
+    world.installer.outputs["version"] = "2.0.0"
+    world.new_agent()
+    world.connect()
+    assert final(world, "job-reboot") == ("SUCCEEDED", "complete_ready")
+    assert world.installer.runs.count(("install", 0)) == 1
 
 
-def test_refused_hook_fails_with_the_reason(tmp_path):
-    class Refusing(FakeInstaller):
-        def request(self, msg):
-            if isinstance(msg, ip.RunHook):
-                return Refused(seq=msg.seq, reason="hook version is not configured")
-            return super().request(msg)
-
-    agent, sent, clock = make_agent(tmp_path, installer=Refusing({}))
-    start_job(agent)
-    status, state, details = updates(sent)[-1]
-    assert (status, state) == ("FAILED", "version_hook_failed")
-    assert "not configured" in details["message"]
+def test_install_interrupted_by_an_installer_crash_runs_again(world):
+    world.installer.hold.add("install")
+    world.create("job-int")
+    world.installer.crash()
+    world.installer.hold.clear()
+    world.installer.outputs["version"] = lambda: "2.0.0" if ("restart", 0) in world.installer.runs else "1.0.0"
+    world.advance(lifecycle.HOOK_QUERY + 1)
+    assert final(world, "job-int") == ("SUCCEEDED", "complete_ready")
+    assert world.installer.runs.count(("install", 0)) == 2
 
 
-def test_installer_busy_with_an_earlier_run_is_waited_for(tmp_path):
-    class BusyOnce(FakeInstaller):
-        refusals = 2
+def test_a_lost_run_hook_reply_is_answered_not_run_again(world):
+    world.installer.hold.add("install")
+    lost = []
+    original = world.installer._reply
 
-        def request(self, msg):
-            if isinstance(msg, ip.RunHook) and self.refusals:
-                self.refusals -= 1
-                return Refused(seq=msg.seq, reason="busy: the install hook of job j1 is running")
-            return super().request(msg)
+    def lose_first_install_reply(message):
+        if isinstance(message, ip.JobState) and message.hook and message.hook.hook == "install" and not lost:
+            lost.append(message)
+            return True
+        return original(message)
 
-    inst = BusyOnce({"version": [("done", 0, "2.0")]})
-    agent, sent, clock = make_agent(tmp_path, installer=inst)
-    start_job(agent)
-    drive(agent, sent, clock)
-    assert updates(sent)[-1][:2] == ("SUCCEEDED", "version_already_installed")
-    assert inst.refusals == 0
+    world.installer._reply = lose_first_install_reply
+    world.create("job-lost")
+    assert lost and world.agent.job.phase is Phase.INSTALL
+    world.advance(lifecycle.PEER_RETRY + 1)
+    assert world.installer.calls.count("run_hook install") >= 2
+    assert world.installer.runs.count(("install", 0)) == 1
+    world.installer.finish_hook(("job-lost", 1))
+    world.settle()
+    assert world.agent.job is None or world.agent.job.phase is not Phase.INSTALL
+
+
+def test_a_stale_job_in_the_installer_is_discarded_before_the_next_one(world):
+    world.installer.records[("job-old", 1)] = Record(Release(version="0.9", sha256=SHA, size=1), ip.STAGED)
+    world.installer.open = ("job-old", 1)
+    world.installer.outputs["version"] = "2.0.0"
+    world.create("job-new")
+    assert world.installer.records[("job-old", 1)].phase == ip.DISCARDED
+    assert final(world, "job-new") == ("SUCCEEDED", "version_already_installed")
+
+
+# ----- cancellation -----------------------------------------------------------
+
+def test_cancel_during_install_stops_it_cleans_up_and_reports_nothing_more(world):
+    world.installer.hold.add("install")
+    world.create("job-cancel")
+    world.emit(world.store.cancel_job("job-cancel", force=True))
+    world.settle()
+    assert world.agent.job is None
+    assert world.installer.records[("job-cancel", 1)].phase == ip.DISCARDED
+    assert world.execution("job-cancel")["status"] == "CANCELED"
+    assert "installation_start" in world.states("job-cancel")
+
+
+def test_twenty_cancels_during_install_then_a_job_succeeds(world):
+    world.installer.hold.add("install")
+    for n in range(20):
+        world.create(f"job-c{n}")
+        world.emit(world.store.cancel_job(f"job-c{n}", force=True))
+        world.settle()
+    world.installer.hold.clear()
+    world.installer.outputs["version"] = lambda: "2.0.0" if ("restart", 0) in world.installer.runs else "1.0.0"
+    world.create("job-after-cancels")
+    assert final(world, "job-after-cancels") == ("SUCCEEDED", "complete_ready")
+    assert all(r.phase == ip.DISCARDED for k, r in world.installer.records.items() if k[0].startswith("job-c"))
+
+
+# ----- downloads ------------------------------------------------------------
+
+def test_expired_url_is_refreshed_from_aws_and_the_download_resumes(world):
+    world.fetcher.failure = ("url_expired", "403 AccessDenied")
+    world.installer.outputs["version"] = lambda: "2.0.0" if ("restart", 0) in world.installer.runs else "1.0.0"
+    world.create("job-url")
+    assert final(world, "job-url") == ("SUCCEEDED", "complete_ready")
+    assert len([c for c in world.fetcher.calls if c.startswith("fetch")]) == 2
+
+
+def test_download_failure_is_reported_with_its_state(world):
+    world.fetcher.failure = ("file_too_large", "the server has 200 bytes, the job document says 100")
+    world.create("job-big")
+    assert final(world, "job-big") == ("FAILED", "file_too_large")
+
+
+# ----- status updates ---------------------------------------------------------
+
+def test_reboot_start_must_be_accepted_before_the_restart_hook_runs(world):
+    world.installer.hold.add("install")
+    world.create("job-rs")
+    throttled = []
+
+    def throttle_reboot_start(topic, payload):
+        # AWS answers reboot_start with RequestThrottled (twice): replace the reply.
+        return False
+
+    original = world.store.handle
+
+    def handle(topic, payload):
+        body = json.loads(payload) if payload else {}
+        if topic.endswith("/update") and body.get("statusDetails", {}).get("state") == "reboot_start" \
+                and len(throttled) < 2:
+            throttled.append(body)
+            from upparat.devtools.jobs_emulator_store import Publication
+            return [Publication(topic + "/rejected", {"code": "RequestThrottled", "message": "slow down",
+                                                      "clientToken": body["clientToken"]})]
+        return original(topic, payload)
+
+    world.store.handle = handle
+    world.installer.finish_hook(("job-rs", 1))
+    world.settle()
+    assert len(throttled) == 1 and ("restart", 0) not in world.installer.runs
+    world.advance(lifecycle.PEER_LIMIT)
+    assert len(throttled) == 2 and ("restart", 0) in world.installer.runs
+
+
+def test_an_old_update_redelivered_late_cannot_overwrite_a_newer_state(world):
+    world.installer.hold.add("install")
+    world.create("job-order")
+    first = next(p for t, p in world.published if t.endswith("/update"))  # download_start
+    # A stray duplicate of the first update arrives after installation_start was stored.
+    world.publish(f"$aws/things/{THING}/jobs/job-order/update", json.dumps(first).encode())
+    world.settle()
+    assert world.execution("job-order")["statusDetails"]["state"] == "installation_start"
+
+
+def test_a_late_rejection_for_a_finished_job_does_not_touch_the_running_one(world):
+    world.installer.outputs["version"] = "2.0.0"
+    world.create("job-done")
+    assert final(world, "job-done")[0] == "SUCCEEDED"
+    world.installer.outputs["version"] = "1.0.0"
+    world.installer.hold.add("install")
+    world.create("job-running")
+    world.agent.handle_message(f"$aws/things/{THING}/jobs/job-done/update/rejected",
+                               json.dumps({"code": "InvalidStateTransition", "clientToken": "old"}).encode())
+    world.settle()
+    assert world.agent.job is not None and world.agent.job.job_id == "job-running"
+
+
+def test_unconfirmed_updates_survive_a_broker_restart(world, tmp_path):
+    world.drop = lambda topic, payload: topic.endswith("/update/accepted")  # AWS stores, replies are lost
+    world.installer.outputs["version"] = "2.0.0"
+    world.create("job-persist")
+    assert world.agent.outbox.has_final("job-persist")
+    world.drop = None
+    world.new_agent()  # the new process reads the outbox from the state directory
+    assert world.agent.outbox.has_final("job-persist")
+    world.connect()
+    assert not world.agent.outbox.has_final("job-persist")
+    assert final(world, "job-persist") == ("SUCCEEDED", "version_already_installed")
+
+
+# ----- hostile payloads --------------------------------------------------------
+
+@pytest.mark.parametrize("payload", [
+    b"[" * 60000, b'{"jobs": ' + b"9" * 5000 + b"}", b"\xff\xfe", b'{"a": "\\ud800"}', b"x" * 300_000,
+    b'{"execution": {"jobId": 5}}', b'{"execution": {"jobId": "j", "status": "QUEUED", "jobDocument": 1}}',
+])
+@pytest.mark.parametrize("topic", ["notify", "notify-next", "get/accepted", "job-x/get/accepted",
+                                   "job-x/update/rejected"])
+def test_garbage_on_every_topic_is_dropped_without_a_crash(world, topic, payload):
+    world.agent.handle_message(f"$aws/things/{THING}/jobs/{topic}", payload)
+    world.settle()
+    world.installer.outputs["version"] = "2.0.0"
+    world.create("job-after-garbage")
+    assert final(world, "job-after-garbage") == ("SUCCEEDED", "version_already_installed")
+
+
+def test_a_document_with_a_lone_surrogate_fails_that_job_and_the_next_runs(world):
+    world.emit(world.store.create_job("job-sur", {"version": "1.0", "file": "https://x/y", "meta": "\ud800"},
+                                      [THING]))
+    world.settle()
+    assert final(world, "job-sur") == ("FAILED", "invalid_job_document")
+    world.installer.outputs["version"] = "2.0.0"
+    world.create("job-next")
+    assert final(world, "job-next")[0] == "SUCCEEDED"
+
+
+def test_transition_table_covers_every_phase():
+    assert set(lifecycle.TRANSITIONS) == set(Phase)
+    for phase in Phase:
+        if phase is not Phase.FINISH:
+            assert hasattr(Agent, f"_start_{phase.value}")

@@ -169,3 +169,96 @@ def test_fault_chunk_delay_slows_the_body(served):
     started = time.monotonic()
     assert requests.get(url(served), timeout=5).content == DATA
     assert time.monotonic() - started >= 0.05 * (len(DATA) // (64 * 1024))
+
+
+def test_log_records_if_range_status_and_bytes_sent(served):
+    requests.get(url(served), timeout=5)
+    requests.get(url(served), headers={"Range": "bytes=1000-", "If-Range": '"nope"'}, timeout=5)
+    first, second = served.log
+    assert (first.range, first.if_range, first.status, first.bytes_sent) == (None, None, 200, len(DATA))
+    assert (second.range, second.if_range) == ("bytes=1000-", '"nope"')
+    assert served.bytes_sent == 2 * len(DATA)
+
+
+def test_if_range_with_the_current_etag_gets_the_range(served):
+    etag = requests.head(url(served), timeout=5).headers["ETag"]
+    resp = requests.get(url(served), headers={"Range": "bytes=1000-", "If-Range": etag}, timeout=5)
+    assert resp.status_code == 206 and resp.content == DATA[1000:]
+
+
+def test_if_range_with_another_etag_gets_the_whole_object(served):
+    resp = requests.get(url(served), headers={"Range": "bytes=1000-", "If-Range": '"old"'}, timeout=5)
+    assert resp.status_code == 200 and resp.content == DATA
+    assert served.log[-1].bytes_sent == len(DATA)
+
+
+def test_fault_new_etag_changes_the_etag_on_every_answer(served):
+    served.faults.new_etag = True
+    first = requests.head(url(served), timeout=5).headers["ETag"]  # HEAD takes no faults
+    resp = requests.get(url(served), headers={"Range": "bytes=1000-", "If-Range": first}, timeout=5)
+    assert resp.status_code == 200 and resp.content == DATA
+    again = requests.get(url(served), timeout=5).headers["ETag"]
+    assert len({first, resp.headers["ETag"], again}) == 3
+
+
+def test_fault_stall_sends_nothing_for_a_while_mid_body(served):
+    import time
+
+    served.faults.stall_after = 100_000
+    served.faults.stall_s = 1.0
+    with requests.get(url(served), stream=True, timeout=5) as resp:
+        got = resp.raw.read(100_000)
+        started = time.monotonic()
+        rest = resp.raw.read()
+        waited = time.monotonic() - started
+    assert got + rest == DATA
+    assert waited >= 0.9
+
+
+def test_fault_stall_longer_than_the_client_waits_times_the_client_out(served):
+    served.faults.stall_after = 1000
+    served.faults.stall_s = 30
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(url(served), timeout=(5, 0.5)).content  # noqa: B018 - reading is the point
+    assert served.log[-1].bytes_sent == 1000
+
+
+def test_fault_rate_paces_the_body(served):
+    import time
+
+    served.faults.rate = 512 * 1024
+    started = time.monotonic()
+    assert requests.get(url(served), timeout=5).content == DATA
+    assert time.monotonic() - started >= 0.8 * len(DATA) / (512 * 1024)
+
+
+def test_fault_truncate_after_records_what_was_sent(served):
+    served.faults.truncate_after = 5000
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        requests.get(url(served), timeout=5).content  # noqa: B018
+    assert served.log[-1].bytes_sent == 5000
+
+
+def test_stop_ends_a_stall_at_once(tmp_path):
+    import time
+
+    (tmp_path / "f").write_bytes(DATA)
+    fs = FileServer(tmp_path).start()
+    fs.faults.stall_after = 10
+    fs.faults.stall_s = 60
+    with requests.get(fs.presign("https://b/f"), stream=True, timeout=5) as resp:
+        assert resp.raw.read(10) == DATA[:10]
+        started = time.monotonic()
+        fs.stop()
+        assert resp.raw.read() == DATA[10:]  # would time out after 5 s if the stall went on
+    assert time.monotonic() - started < 3
+
+
+def test_plan_gives_each_next_request_its_own_faults(served):
+    from upparat.devtools.fileserver import Faults
+
+    served.plan = [Faults(fail_status=503), Faults(ignore_range=True)]
+    assert requests.get(url(served), timeout=5).status_code == 503
+    assert requests.get(url(served), headers={"Range": "bytes=10-"}, timeout=5).status_code == 200
+    assert requests.get(url(served), headers={"Range": "bytes=10-"}, timeout=5).status_code == 206
+    assert served.plan == []

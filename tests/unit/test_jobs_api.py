@@ -1,9 +1,13 @@
+"""The AWS IoT Jobs API as pure functions: topics, payloads (parsed with
+limits), execution and rejection shapes, the update payload."""
+
 import json
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from upparat.broker_proc import jobs_api
-from upparat.broker_proc.jobs_api import BadDocument, BadPayload, Topics
+from upparat.broker_proc.jobs_api import BadPayload, Topics
 
 SHA = "b" * 64
 
@@ -16,12 +20,17 @@ def test_topics_are_classified_by_level_count_even_for_verb_like_job_ids():
     assert t.classify(f"{base}/get/get/accepted") == ("describe", "get", "accepted")
     assert t.classify(f"{base}/notify/update/rejected") == ("update", "notify", "rejected")
     assert t.classify(f"{base}/j1/get") == ("", None, None)  # our own request echoed
+    assert t.classify(f"{base}/a.b/get/accepted") == ("", None, None)  # not a job id
     assert t.classify("$aws/things/other/jobs/notify") == ("", None, None)
 
 
-@pytest.mark.parametrize("payload", [b"\xff", b"[]", b"{", b"1"])
-def test_bad_payloads_raise(payload):
-    with pytest.raises(BadPayload):
+@pytest.mark.parametrize("payload, reason", [
+    (b"\xff", "UTF-8"), (b"[]", "object"), (b"{", "not JSON"), (b"1", "object"),
+    (b"[" * 60000, "nested"), (b'{"a":' + b"9" * 5000 + b"}", "digits"), (b'{"a":"\\ud800"}', "surrogate"),
+    (b"x" * (jobs_api.MAX_PAYLOAD + 1), "exceed"), (b'{"a":1,"a":2}', "twice"), (b'{"a":NaN}', "NaN"),
+])
+def test_bad_payloads_are_refused_with_a_reason(payload, reason):
+    with pytest.raises(BadPayload, match=reason):
         jobs_api.load_payload(payload)
 
 
@@ -29,47 +38,73 @@ def test_empty_payload_is_an_empty_object():
     assert jobs_api.load_payload(b"") == {}
 
 
-def test_document_fields_are_checked():
-    doc = {"version": "1", "file": "https://x/y", "sha256": SHA.upper(), "size": 3, "meta": "m"}
-    parsed = jobs_api.parse_document(doc, True, False)
-    assert parsed.sha256 == SHA and parsed.force is False and parsed.meta == "m"
+def test_execution_fields_are_checked_and_string_numbers_tolerated():
+    body = {"execution": {"jobId": "j1", "status": "IN_PROGRESS", "versionNumber": "3", "executionNumber": 2,
+                          "statusDetails": {"state": "reboot_start", "bad": 5}, "jobDocument": {"version": "1"}}}
+    ex = jobs_api.parse_execution(body)
+    assert (ex.job_id, ex.execution_number, ex.state.version_number) == ("j1", 2, 3)
+    assert ex.state.status_details == {"state": "reboot_start"}
+    assert jobs_api.parse_execution({}) is None
+    for bad in ({"execution": []}, {"execution": {"jobId": "a/b", "status": "QUEUED"}},
+                {"execution": {"jobId": "j"}}):
+        with pytest.raises(BadPayload):
+            jobs_api.parse_execution(bad)
 
 
-@pytest.mark.parametrize("doc, words", [
-    ([], "not a JSON object"),
-    ({"file": "https://x"}, '"version"'),
-    ({"version": "1"}, '"file"'),
-    ({"version": "1", "file": "${aws:iot:s3-presigned-url:https://b/k}"}, "presignedUrlConfig"),
-    ({"version": "1", "file": "ftp://x"}, "http(s)"),
-    ({"version": "1\n", "file": "https://x", "sha256": SHA}, "line breaks"),
-    ({"version": "1", "file": "https://x", "sha256": SHA, "meta": 5}, '"meta"'),
-    ({"version": "1", "file": "https://x", "sha256": SHA, "signature": "!!"}, "base64"),
-    ({"version": "1", "file": "https://x", "sha256": SHA, "signature": "AAAA"}, '"size"'),
-    ({"version": "1", "file": "https://x"}, "require_sha256 = false"),
-])
-def test_bad_documents_say_what_to_fix(doc, words):
-    with pytest.raises(BadDocument) as err:
-        jobs_api.parse_document(doc, True, False)
-    assert words in str(err.value)
+def test_pending_jobs_from_get_and_notify():
+    assert jobs_api.pending_jobs({"inProgressJobs": [{"jobId": "a", "executionNumber": 1}],
+                                  "queuedJobs": [{"jobId": "b"}, {}, {"jobId": "../x"}]}) == ([("a", 1)], [("b", None)])
+    assert jobs_api.pending_jobs({"jobs": {"QUEUED": [{"jobId": "c"}]}}) == ([], [("c", None)])
+    assert jobs_api.pending_jobs({"jobs": {}}) == ([], [])
+    with pytest.raises(BadPayload):
+        jobs_api.pending_jobs({"jobs": [1]})
 
 
-def test_signature_required_when_configured():
-    with pytest.raises(BadDocument, match="signed"):
-        jobs_api.parse_document({"version": "1", "file": "https://x", "sha256": SHA, "size": 1}, True, True)
+def test_rejection_keeps_code_and_execution_state():
+    rejection = jobs_api.parse_rejection({"code": "VersionMismatch", "message": "x\ny",
+                                          "executionState": {"status": "IN_PROGRESS", "versionNumber": 4}})
+    assert rejection.code == "VersionMismatch" and rejection.state.version_number == 4
+    assert "\n" not in rejection.message
+    assert jobs_api.parse_rejection({"code": 5}).code == ""
 
 
 def test_status_details_respect_aws_limits():
-    payload = json.loads(jobs_api.update_payload(
-        "FAILED", "x", "tok", message="line1\nline2\t\u200b" + "y" * 5000, a="1", b="2", c="3", d="4",
-        e="5", f="6", g="7", h="8", i="9", j="10"))
-    details = payload["statusDetails"]
-    assert len(details) == 10
-    assert len(details["message"]) <= 1024
-    assert not any(ord(c) < 32 for v in details.values() for c in v)
-    assert payload["status"] == "FAILED" and payload["clientToken"] == "tok"
+    details = jobs_api.status_details("x", message="line1\nline2\t\u200b" + "y" * 5000,
+                                      **{k: str(i) for i, k in enumerate("abcdefghij")})
+    payload = json.loads(jobs_api.update_payload("FAILED", details, "tok", 7, 2))
+    assert len(payload["statusDetails"]) == 10
+    assert len(payload["statusDetails"]["message"]) <= 1024
+    assert not any(ord(c) < 32 or c == "\u200b" for v in payload["statusDetails"].values() for c in v)
+    assert payload["expectedVersion"] == 7 and payload["executionNumber"] == 2
+    assert payload["includeJobExecutionState"] is True
 
 
-def test_pending_ids_from_get_and_notify():
-    assert jobs_api.pending_job_ids({"inProgressJobs": [{"jobId": "a"}], "queuedJobs": [{"jobId": "b"}, {}]}) == (["a"], ["b"])
-    assert jobs_api.pending_job_ids({"jobs": {"QUEUED": [{"jobId": "c"}]}}) == ([], ["c"])
-    assert jobs_api.pending_job_ids({"jobs": {}}) == ([], [])
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048))
+def test_load_payload_never_raises_anything_but_badpayload(data):
+    try:
+        body = jobs_api.load_payload(data)
+    except BadPayload:
+        return
+    assert isinstance(body, dict)
+    for parse in (jobs_api.parse_execution, jobs_api.pending_jobs, jobs_api.parse_rejection):
+        try:
+            parse(body)
+        except BadPayload:
+            pass
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["execution", "jobs", "inProgressJobs", "queuedJobs", "code",
+                                        "executionState", "jobId", "status"]), JSON, max_size=5))
+def test_every_parser_turns_hostile_shapes_into_badpayload_or_a_checked_value(body):
+    for parse in (jobs_api.parse_execution, jobs_api.pending_jobs, jobs_api.parse_rejection):
+        try:
+            parse(body)
+        except BadPayload:
+            pass

@@ -49,7 +49,7 @@ def test_running_is_earned_only_after_staying_up_the_threshold():
     assert m.next_deadline() == pytest.approx(clock.now + 0.1)
     m.tick(clock.advance(0.1))
     assert m.state is State.RUNNING
-    assert m.next_deadline() is None
+    assert m.next_deadline() == pytest.approx(m.started_at + POLICY.first_beat_within)  # only the heartbeat
 
 
 def test_backoff_resets_after_running():
@@ -130,3 +130,59 @@ def test_exit_reported_twice_is_our_bug_and_raises():
     m.exited(clock.now, 1)
     with pytest.raises(RuntimeError):
         m.exited(clock.now, 1)
+
+
+# -- heartbeats ------------------------------------------------------------------
+
+
+def test_a_child_that_never_beats_is_hung_after_the_first_beat_bound():
+    clock = Clock()
+    m = started(clock)
+    assert not m.hung(clock.advance(POLICY.first_beat_within))
+    assert m.beat_deadline() == pytest.approx(clock.now)
+    assert m.hung(clock.advance(0.01))
+
+
+def test_a_beating_child_is_never_hung():
+    clock = Clock()
+    m = started(clock)
+    for _ in range(100):
+        m.beat(clock.advance(POLICY.heartbeat_timeout - 0.1))
+        m.tick(clock.now)
+        assert not m.hung(clock.now)
+    assert m.state is State.RUNNING
+
+
+def test_silence_after_a_beat_makes_a_child_hung_after_the_heartbeat_timeout():
+    clock = Clock()
+    m = started(clock)
+    m.beat(clock.advance(1))
+    assert m.next_deadline() == pytest.approx(clock.now + min(POLICY.heartbeat_timeout, 4.0))
+    clock.advance(POLICY.heartbeat_timeout)
+    assert not m.hung(clock.now)
+    assert m.hung(clock.advance(0.01))
+
+
+def test_a_hung_child_killed_backs_off_and_starts_with_a_fresh_beat_bound():
+    clock = Clock()
+    m = started(clock)
+    m.beat(clock.advance(6))  # RUNNING
+    m.tick(clock.now)
+    assert m.hung(clock.advance(POLICY.heartbeat_timeout + 1))
+    assert m.exited(clock.now, -9) is State.BACKOFF
+    assert not m.hung(clock.now) and m.beat_deadline() is None
+    assert m.restart_at - clock.now == pytest.approx(POLICY.backoff_initial)
+    assert m.tick(clock.advance(POLICY.backoff_initial))
+    m.spawned(clock.now)
+    assert m.last_beat is None and not m.hung(clock.advance(POLICY.heartbeat_timeout + 1))
+    assert m.restarts == 1
+
+
+def test_stopping_or_stopped_children_are_never_hung():
+    clock = Clock()
+    m = started(clock)
+    m.stop_requested()
+    assert not m.hung(clock.advance(3600))
+    m.exited(clock.now, 0)
+    m.beat(clock.now)  # a late line from the pipe changes nothing
+    assert m.last_beat is None and not m.hung(clock.advance(3600))

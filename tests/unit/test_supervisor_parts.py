@@ -8,14 +8,16 @@ import pytest
 
 from upparat import config as config_mod
 from upparat import supervisor as sv
+from upparat.ipc.settings import Identities, resolve_layout
 
 
 def test_child_table_order_and_identities():
     assert [(c.name, c.module, c.runs_as) for c in sv.CHILDREN] == [
         ("installer", "upparat.installer_proc", sv.ROOT),
-        ("fetcher", "upparat.fetcher_proc", sv.UNPRIVILEGED),
-        ("broker", "upparat.broker_proc", sv.UNPRIVILEGED),
+        ("fetcher", "upparat.fetcher_proc", sv.FETCHER_USER),
+        ("broker", "upparat.broker_proc", sv.BROKER_USER),
     ]
+    assert (sv.RELAY.name, sv.RELAY.module, sv.RELAY.runs_as) == ("relay", "upparat.relay_proc", sv.BROKER_USER)
 
 
 @pytest.fixture
@@ -27,8 +29,9 @@ def settings(tmp_path):
     text = (f"[broker]\nthing_name = t\ncafile = {pems['ca']}\ncertfile = {pems['cert']}\n"
             f"keyfile = {pems['key']}\n[verification]\npublic_keys = {pems['pub']}\n")
     cfg = config_mod.parse(text)
-    ident = sv.Identity(1234, 5678, "upparat", separated=True)
-    return sv.Settings(cfg, text, "/etc/upparat/upparat.conf", "/tmp", ident, sv.read_root_files(cfg))
+    ids = Identities(True, "upparat", 1234, 5678, "upparat-fetch", 1235, 5679)
+    layout = resolve_layout(cfg, "/tmp")
+    return sv.Settings(cfg, text, "/etc/upparat/upparat.conf", layout, ids, sv.read_root_files(cfg))
 
 
 def envelope_for(settings, name):
@@ -39,11 +42,11 @@ def envelope_for(settings, name):
 
 def test_only_the_broker_receives_the_tls_material(settings):
     broker = envelope_for(settings, "broker")
-    assert broker["files"] == {"cafile": "-----BEGIN CA-----\n", "certfile": "-----BEGIN CERT-----\n",
+    assert broker["tls"] == {"cafile": "-----BEGIN CA-----\n", "certfile": "-----BEGIN CERT-----\n",
                                "keyfile": "-----BEGIN KEY-----\n"}
     assert broker["public_keys_pem"] == []
     for name in ("fetcher", "installer"):
-        assert envelope_for(settings, name)["files"] == {}
+        assert envelope_for(settings, name)["tls"] == {}
 
 
 def test_fetcher_and_installer_receive_the_public_keys(settings):

@@ -1,7 +1,7 @@
 """upparat-demo: one real, signed update end to end on this machine.
 
 Starts a local Mosquitto, the AWS IoT Jobs emulator, a file server standing
-in for S3, generates an Ed25519 signing key, writes a config with demo hooks,
+in for S3, generates an Ed25519 release key, writes a config with demo hooks,
 starts the real supervisor (and through it the broker, fetcher and installer
 processes), creates a job for a signed file and prints every status update
 until the job ends. No cloud account needed. Exit 0 when the job SUCCEEDED.
@@ -16,10 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
-from upparat import verify
 from upparat.devtools.sandbox import Sandbox, describe, sha256_of
 
 VERSION = "2.0.0"
@@ -41,18 +37,13 @@ def main(argv=None) -> int:
     base.chmod(0o755)
     print(f"Upparat demo in {base}")
     if os.geteuid() == 0:
-        print("running as root: broker and fetcher run as user 'upparat', the installer as root")
+        print("running as root: the broker runs as user 'upparat', the fetcher as 'upparat-fetch', the installer as root")
     else:
         print("not root: all processes run as you (privilege separation off, as the supervisor will say)")
 
-    step(1, "generating an Ed25519 signing key")
-    keys = base / "keys"
-    keys.mkdir(exist_ok=True)
-    private = ed25519.Ed25519PrivateKey.generate()
-    (keys / "signing.pub").write_bytes(private.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-
-    sandbox = Sandbox(base, public_keys=[keys / "signing.pub"])
+    step(1, "generating an Ed25519 release key (the device trusts its public half)")
+    sandbox = Sandbox(base)
+    print(f"      public key {sandbox.public_keys[0]}")
     try:
         step(2, "starting Mosquitto, the AWS IoT Jobs emulator and the file server")
         sandbox.start(supervisor=False)
@@ -61,10 +52,9 @@ def main(argv=None) -> int:
         step(3, f"creating a {args.size} byte update file for version {VERSION} and signing it")
         name = f"firmware-{VERSION}.bin"
         path = sandbox.add_file(name, os.urandom(args.size))
-        sha256, size = sha256_of(path), path.stat().st_size
-        signature = verify.sign(private, VERSION, sha256, size)
-        document = sandbox.document(name, VERSION, signature=signature)
-        print(f"      sha256 {sha256}")
+        sha256 = sha256_of(path)
+        document = sandbox.document(name, VERSION)
+        print(f"      sha256 {sha256}, signature statement v2 signed with the release key")
 
         step(4, f"starting upparat-supervisor -c {sandbox.path('upparat.conf')}")
         sandbox.start_supervisor()

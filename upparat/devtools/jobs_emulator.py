@@ -22,7 +22,9 @@ Contract:
   live in ``jobs_emulator_store`` (pure logic, unit-tested without a broker).
 
 Command line: ``upparat-jobs-emulator --mqtt-host H --mqtt-port P --http-port 8081`` runs the
-emulator plus a small JSON control API on 127.0.0.1 (see ``jobs_emulator_http``).
+emulator plus a small JSON control API on 127.0.0.1 (see ``jobs_emulator_http``). With
+``--files DIR`` it also stands in for S3: a file server on DIR, presigned URLs to it, and
+uploads through the control API (``upparat-jobs --emulator URL create`` uses them).
 Exit codes: 0 clean stop (SIGTERM/SIGINT), 1 the broker could not be reached, 2 bad usage.
 """
 
@@ -38,6 +40,8 @@ import sys
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import paho.mqtt.client as mqtt
@@ -76,6 +80,7 @@ class JobsEmulator:
         self._subscribe_mid: int | None = None
         self._ready = threading.Event()
         self._failure: str | None = None
+        self.faults = EmulatorFaults()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -128,6 +133,10 @@ class JobsEmulator:
     def execution(self, job_id: str, thing: str) -> dict | None:
         with self._lock:
             return self._store.execution(job_id, thing)
+
+    def job(self, job_id: str) -> dict | None:
+        with self._lock:
+            return self._store.job(job_id)
 
     def wait_for_status(self, job_id: str, thing: str, statuses: set[str], timeout: float) -> dict:
         """The snapshot once the execution's status is in ``statuses``; TimeoutError otherwise."""
@@ -184,7 +193,77 @@ class JobsEmulator:
 
     def _on_message(self, _client, _userdata, message):
         log.debug("<- %s %r", message.topic, message.payload[:200])
-        self._apply(self._store.handle, message.topic, message.payload)
+        rule = self.faults.take(message.topic, message.payload)
+        if rule is None:
+            self._apply(self._store.handle, message.topic, message.payload)
+            return
+        with self._changed:
+            if rule.action == "reject":
+                request = _json_object(message.payload)
+                reply = {"timestamp": int(time.time()), "code": rule.code, "message": "injected by the emulator"}
+                if isinstance(request.get("clientToken"), str):
+                    reply["clientToken"] = request["clientToken"]
+                self._publish([Publication(message.topic + "/rejected", reply)])
+                return
+            publications = self._store.handle(message.topic, message.payload)
+            self._changed.notify_all()
+            replies = [p for p in publications if p.topic.startswith(message.topic + "/")]
+            others = [p for p in publications if p not in replies]
+            self._publish(others)
+        if rule.action == "delay":
+            timer = threading.Timer(rule.seconds, self._publish_locked, (replies,))
+            timer.daemon = True
+            timer.start()
+        # "drop": the change is stored, the reply never arrives
+
+    def _publish_locked(self, publications: list[Publication]) -> None:
+        with self._lock:
+            self._publish(publications)
+
+
+@dataclass
+class FaultRule:
+    state: str | None  # statusDetails.state of the update it applies to; None: any update
+    action: str  # "reject" (with ``code``, nothing stored), "drop" (stored, no reply), "delay" (reply later)
+    times: int
+    code: str = "RequestThrottled"
+    seconds: float = 0.0
+
+
+class EmulatorFaults:
+    """Faults for UpdateJobExecution requests, for tests of the device's
+    retries and ordering: reject an update (e.g. ``RequestThrottled``), store
+    it but lose the reply, or send the reply late."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._rules: list[FaultRule] = []
+        self.applied: list[tuple[str, str | None]] = []  # (action, state)
+
+    def add(self, rule: FaultRule) -> None:
+        with self._lock:
+            self._rules.append(rule)
+
+    def take(self, topic: str, payload: bytes) -> FaultRule | None:
+        if not topic.endswith("/update"):
+            return None
+        details = _json_object(payload).get("statusDetails")
+        state = details.get("state") if isinstance(details, dict) else None
+        with self._lock:
+            for rule in self._rules:
+                if rule.times > 0 and rule.state in (None, state):
+                    rule.times -= 1
+                    self.applied.append((rule.action, state))
+                    return rule
+        return None
+
+
+def _json_object(payload: bytes) -> dict:
+    try:
+        body = json.loads(payload or b"{}")
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 # ---------------------------------------------------------------------- command line
@@ -217,10 +296,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presign-base", metavar="URL",
                         help="replace ${aws:iot:s3-presigned-url:<s3 url>} by "
                              "URL/<file name>?<fresh fake signature> on every delivery")
+    parser.add_argument("--files", metavar="DIR",
+                        help="stand in for S3: serve DIR/<bucket>/<key> over HTTP, presign "
+                             "${aws:iot:s3-presigned-url:https://<host>/<bucket>/<key>} to it, and accept "
+                             "uploads on the control API (PUT /files/<bucket>/<key>)")
+    parser.add_argument("--files-host", default="127.0.0.1",
+                        help="address the file server listens on and puts into URLs (default 127.0.0.1)")
+    parser.add_argument("--files-port", type=int, default=0, help="file server port (default: a free one)")
+    parser.add_argument("--max-file-size", type=int, default=4 * 1024**3, metavar="BYTES",
+                        help="largest upload accepted (default 4 GiB)")
     parser.add_argument("--thing-name-in-execution", action="store_true",
                         help="include thingName in JobExecution payloads (AWS docs vs captures)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every message")
     args = parser.parse_args(argv)
+    if args.files and args.presign_base:
+        parser.error("--files and --presign-base both choose where presigned URLs lead: give one")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s upparat-jobs-emulator %(levelname)s %(message)s")
 
@@ -230,23 +320,43 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
 
     presign = fake_presigner(args.presign_base) if args.presign_base else None
+    files = store = None
+    if args.files:
+        from upparat.devtools.fileserver import FileServer
+        from upparat.devtools.jobs_emulator_files import FileStore
+
+        directory = Path(args.files)
+        if not directory.is_dir():
+            parser.error(f"--files {args.files}: no such directory")
+        store = FileStore(directory, max_size=args.max_file_size)
+        try:
+            files = FileServer(directory, host=args.files_host, port=args.files_port).start()
+        except OSError as exc:
+            log.error("cannot serve files on %s:%s: %s", args.files_host, args.files_port, exc)
+            return 1
+        presign = files.presign
     emulator = JobsEmulator(args.mqtt_host, args.mqtt_port, presign,
                             include_thing_name=args.thing_name_in_execution)
     try:
         emulator.start()
     except ConnectionError as exc:
         log.error("%s", exc)
+        if files is not None:
+            files.stop()
         return 1
     try:
-        server = ControlServer(emulator, "127.0.0.1", args.http_port)
+        server = ControlServer(emulator, "127.0.0.1", args.http_port, files=store)
     except OSError as exc:
         log.error("cannot listen on 127.0.0.1:%s: %s", args.http_port, exc)
         emulator.stop()
+        if files is not None:
+            files.stop()
         return 1
     server.start()
     # One stable line that scripts and tests can wait for.
     print(f"upparat-jobs-emulator ready: mqtt {args.mqtt_host}:{args.mqtt_port} "
-          f"control http://127.0.0.1:{server.port}", flush=True)
+          f"control http://127.0.0.1:{server.port}"
+          + (f" files {files.base_url}" if files is not None else ""), flush=True)
     try:
         while not stop.wait(1.0):
             pass
@@ -254,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("stopping")
         server.stop()
         emulator.stop()
+        if files is not None:
+            files.stop()
     return 0
 
 

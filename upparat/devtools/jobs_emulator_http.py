@@ -8,9 +8,17 @@ Listens on 127.0.0.1 only (no authentication: it is a development tool). Routes:
 | ``POST /jobs/<id>/cancel`` | ``{"force": bool}`` (optional) | 200 ``{"jobId": ..., "canceled": true}`` |
 | ``DELETE /jobs/<id>/things/<thing>[?force=true]`` | - | 200 ``{"deleted": true}`` |
 | ``GET /jobs/<id>/things/<thing>`` | - | 200 execution snapshot (with ``history``) |
+| ``GET /jobs/<id>`` | - | 200 ``{"jobId", "status", "document", "executions": [{"thing", ...snapshot}]}`` |
+| ``GET /files/<bucket>?prefix=P`` | - | 200 ``{"objects": [{"key", "size", "sha256"}]}`` |
+| ``PUT /files/<bucket>/<key>`` | the file's bytes (``Content-Length``; optional ``X-Upparat-Sha256``) | 201 ``{"key", "size", "sha256"}`` |
+
+``status`` of a job: CANCELED once canceled, COMPLETED when every execution is terminal,
+else IN_PROGRESS. The ``/files`` routes exist when the emulator was started with
+``--files DIR`` (else 404): they are its S3 (see ``jobs_emulator_files``).
 
 Bad requests get 400 ``{"error": "<what is wrong and how to fix it>"}``; unknown jobs or
-executions 404; anything else 404/405. Bodies are limited to 64 KiB.
+executions 404; anything else 404/405. JSON bodies are limited to 64 KiB, files to
+``--max-file-size``.
 """
 
 from __future__ import annotations
@@ -31,8 +39,8 @@ class _BadRequest(Exception):
 
 
 class ControlServer:
-    def __init__(self, emulator, host: str = "127.0.0.1", port: int = 8081):
-        handler = type("Handler", (_Handler,), {"emulator": emulator})
+    def __init__(self, emulator, host: str = "127.0.0.1", port: int = 8081, files=None):
+        handler = type("Handler", (_Handler,), {"emulator": emulator, "files": files})
         self._httpd = ThreadingHTTPServer((host, port), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever,
@@ -53,6 +61,7 @@ class ControlServer:
 
 class _Handler(BaseHTTPRequestHandler):
     emulator = None  # set per server by ControlServer
+    files = None  # a jobs_emulator_files.FileStore, or None without --files
     server_version = "upparat-jobs-emulator"
 
     def log_message(self, fmt, *args):  # route through logging, not stderr
@@ -66,6 +75,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self):
         self._dispatch("DELETE")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
 
     def _dispatch(self, method: str) -> None:
         url = urllib.parse.urlsplit(self.path)
@@ -81,6 +93,13 @@ class _Handler(BaseHTTPRequestHandler):
                     raise _BadRequest('"force" must be true or false')
                 self.emulator.cancel_job(parts[1], force=force)
                 return self._send(200, {"jobId": parts[1], "canceled": True})
+            if method == "GET" and len(parts) == 2 and parts[0] == "jobs":
+                job = self.emulator.job(parts[1])
+                if job is None:
+                    return self._send(404, {"error": f"no job {parts[1]!r}"})
+                return self._send(200, job)
+            if parts[0] == "files" and len(parts) >= 2 and method in ("GET", "PUT"):
+                return self._files(method, parts[1], "/".join(parts[2:]), query)
             if len(parts) == 4 and parts[0] == "jobs" and parts[2] == "things":
                 job_id, thing = parts[1], parts[3]
                 if method == "GET":
@@ -101,6 +120,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, {"error": str(exc)})
         except KeyError as exc:
             self._send(404, {"error": exc.args[0] if exc.args else "not found"})
+
+    def _files(self, method: str, bucket: str, key: str, query: dict) -> None:
+        from upparat.devtools.jobs_emulator_files import BadName
+
+        if self.files is None:
+            return self._send(404, {"error": "this emulator serves no files: start it with --files DIR"})
+        try:
+            if method == "GET" and not key:
+                prefix = query.get("prefix", [""])[-1]
+                return self._send(200, {"objects": self.files.list(bucket, prefix)})
+            if method == "PUT":
+                try:
+                    length = int(self.headers.get("Content-Length", ""))
+                except ValueError:
+                    raise _BadRequest("an upload needs a Content-Length") from None
+                # HTTP/1.0: the connection closes after the answer, so an unread rest of a
+                # refused body is never taken for the next request.
+                stored = self.files.put(bucket, key, self.rfile, length, self.headers.get("X-Upparat-Sha256"))
+                log.info("stored file %s/%s (%d bytes)", bucket, key, stored["size"])
+                return self._send(201, stored)
+        except BadName as exc:
+            raise _BadRequest(str(exc)) from None
+        return self._send(405, {"error": f"no route {method} /files/{bucket}/{key}"})
 
     def _create(self, body: dict) -> None:
         missing = [k for k in ("jobId", "document", "things") if k not in body]

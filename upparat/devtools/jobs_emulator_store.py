@@ -34,6 +34,7 @@ the reference says UNCONFIRMED (option = constructor keyword of ``JobStore``/``J
 | job IDs ``get``, ``start-next``, ``notify``, ``notify-next`` | refused by ``create_job`` (pitfall 20) | - |
 | executions per (job, thing) | exactly one (``executionNumber`` 1); no retry configs | - |
 | ``history`` in snapshots | every accepted device change: start-next that started the execution and every update | - |
+| job status (controller view, ``job``) | CANCELED once canceled; COMPLETED when every execution is terminal; else IN_PROGRESS | - |
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ class JobStore:
         self._max_listed = max_listed
         self._documents: dict[str, str] = {}  # job id -> document as JSON text (immutable)
         self._executions: dict[tuple[str, str], Execution] = {}  # (thing, job id)
+        self._canceled: set[str] = set()  # job ids
         self._seq = 0
 
     # ------------------------------------------------------------------ controller side
@@ -206,6 +208,7 @@ class JobStore:
         """QUEUED executions -> CANCELED; IN_PROGRESS ones too only with ``force``."""
         if job_id not in self._documents:
             raise KeyError(f"no job {job_id!r}")
+        self._canceled.add(job_id)
         out: list[Publication] = []
         for ex in self._sorted(e for e in self._executions.values() if e.job_id == job_id):
             if ex.status == "QUEUED" or (force and ex.status == "IN_PROGRESS"):
@@ -228,6 +231,21 @@ class JobStore:
     def execution(self, job_id: str, thing: str) -> dict | None:
         ex = self._executions.get((thing, job_id))
         return ex.snapshot() if ex else None
+
+    def job(self, job_id: str) -> dict | None:
+        """The controller's view of a job (AWS DescribeJob plus its executions): its status,
+        the document as created (placeholders unsigned) and a snapshot of every execution."""
+        if job_id not in self._documents:
+            return None
+        executions = self._sorted(e for e in self._executions.values() if e.job_id == job_id)
+        if job_id in self._canceled:
+            status = "CANCELED"
+        elif executions and all(e.status in TERMINAL for e in executions):
+            status = "COMPLETED"
+        else:
+            status = "IN_PROGRESS"
+        return {"jobId": job_id, "status": status, "document": json.loads(self._documents[job_id]),
+                "executions": [{"thing": e.thing, **e.snapshot()} for e in executions]}
 
     # ------------------------------------------------------------------ device side
 

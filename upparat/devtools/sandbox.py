@@ -127,13 +127,33 @@ exit 0
 
 class Sandbox:
     def __init__(self, base: Path, hooks: dict[str, str | None] | None = None, config_extra: str = "",
-                 public_keys: list[Path] | None = None, job_prefix: str = "", seed_style: bool = False):
+                 public_keys: list[Path] | None = None, job_prefix: str = "", seed_style: bool = False,
+                 signing: bool = True, allow_unsigned: bool = False, mqtt_tls: bool = False):
         self.base = Path(base)
         self.hook_bodies = dict(HOOK_SCRIPTS)
         if hooks:
             self.hook_bodies.update(hooks)
         self.config_extra = config_extra
-        self.public_keys = public_keys or []
+        self.public_keys = list(public_keys or [])
+        # signing: a fresh Ed25519 release key whose public half the device trusts;
+        # document() signs with it (statement v2) unless told otherwise.
+        self.signing_key = None
+        if signing:
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric import ed25519
+
+            self.signing_key = ed25519.Ed25519PrivateKey.generate()
+            pub = self.base / "keys" / "release.pub"
+            pub.parent.mkdir(parents=True, exist_ok=True)
+            pub.write_bytes(self.signing_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+            self.public_keys.append(pub)
+        self.allow_unsigned = allow_unsigned
+        # mqtt_tls: the device reaches Mosquitto only over mutual TLS (its own CA,
+        # server and client certificates); the emulator keeps a plain local listener.
+        self.mqtt_tls = mqtt_tls
+        self.tls_port = 0
+        self.tls: dict[str, Path] = {}
         self.job_prefix = job_prefix
         # seed_style: the config a user writes from the seed README: no [supervisor]
         # section, no download/staging locations, so every default is used.
@@ -168,18 +188,23 @@ class Sandbox:
         hooks = "\n".join(f"{n} = {self.path('hooks', n)}" for n, b in self.hook_bodies.items() if b is not None)
         keys = ",".join(str(k) for k in self.public_keys)
         locations = "" if self.seed_style else (
-            f"download_location = {self.path('dl')}\nstaging_location = {self.path('staging')}\n")
+            f"download_location = {self.path('dl')}\nstaging_location = {self.path('staging')}\n"
+            f"state_location = {self.path('state-dirs')}\n")
         supervisor = "" if self.seed_style else f"[supervisor]\nruntime_dir = {self.path('run')}\n"
+        tls = "".join(f"{key} = {self.tls[key]}\n" for key in ("cafile", "certfile", "keyfile") if key in self.tls)
+        verification = "".join(line + "\n" for line in (
+            f"public_keys = {keys}" if keys else "", "allow_unsigned = true" if self.allow_unsigned else "") if line)
+        verification = f"[verification]\n{verification}" if verification else ""
         text = f"""[service]
 log_level = DEBUG
-{locations}job_prefix = {self.job_prefix}
+{locations}{f"job_prefix = {self.job_prefix}" if self.job_prefix else ""}
 
 [broker]
 host = 127.0.0.1
-port = {self.mqtt_port or 1883}
+port = {(self.tls_port if self.mqtt_tls else self.mqtt_port) or 1883}
 thing_name = {THING}
 client_id = upparat-{THING}
-
+{tls}
 [hooks]
 {hooks}
 retry_interval = 1
@@ -187,9 +212,7 @@ max_retries = 3
 timeout = 60
 version_confirm_window = 10
 
-[verification]
-{'public_keys = ' + keys if keys else ''}
-
+{verification}
 {supervisor}{self.config_extra}
 """
         self.path("upparat.conf").write_text(text)
@@ -200,11 +223,20 @@ version_confirm_window = 10
         self.prepare()
         self.mqtt_port = free_port()
         conf = self.path(f"mosquitto-{self.mqtt_port}.conf")
-        conf.write_text(f"listener {self.mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                        + ("user root\n" if os.geteuid() == 0 else ""))
+        text = f"listener {self.mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        if self.mqtt_tls:
+            self.tls_port = free_port()
+            material = make_tls_material(self.path("tls"))
+            self.tls = {"cafile": material["ca"], "certfile": material["client_cert"],
+                        "keyfile": material["client_key"]}
+            text += (f"per_listener_settings false\nlistener {self.tls_port} 127.0.0.1\n"
+                     f"cafile {material['ca']}\ncertfile {material['server_cert']}\n"
+                     f"keyfile {material['server_key']}\nrequire_certificate true\n")
+        conf.write_text(text + ("user root\n" if os.geteuid() == 0 else ""))
         self.mosquitto = Child([mosquitto_binary(), "-c", conf], self.path("logs", "mosquitto.log"))
         self.procs.append(self.mosquitto)
-        wait_until(lambda: port_open(self.mqtt_port) or not self.mosquitto.alive(), 10, "mosquitto to listen")
+        wait_until(lambda: (port_open(self.mqtt_port) and (not self.mqtt_tls or port_open(self.tls_port)))
+                   or not self.mosquitto.alive(), 10, "mosquitto to listen")
         if not self.mosquitto.alive():
             raise RuntimeError(f"mosquitto did not start:\n{self.mosquitto.log()}")
         self.files = FileServer(self.path("files"))
@@ -245,18 +277,30 @@ version_confirm_window = 10
         return target
 
     def document(self, name: str, version: str, sha256: str | None = None, size: int | None = None,
-                 signature: str | None = None, **extra) -> dict:
+                 signature: str | None = None, meta: str | None = None, force: bool = False,
+                 serial: int | None = None, sign: bool = True, **extra) -> dict:
+        """A job document for files/<name>, signed with the sandbox's release key
+        (statement v2) unless ``sign`` is False or a ``signature`` is given.
+        ``extra`` fields are set after signing (to play an attacker)."""
+        from upparat import signature as signature_mod
+        from upparat.release import Release
+
         path = self.path("files", name)
+        release = Release(version=version, meta=version if meta is None else meta, force=force,
+                          sha256=sha256 if sha256 is not None else sha256_of(path),
+                          size=size if size is not None else path.stat().st_size, serial=serial)
+        if signature is None and sign and self.signing_key is not None:
+            signature = signature_mod.sign(self.signing_key, release)
         doc = {
-            "version": version,
+            "version": release.version,
             "file": f"${{aws:iot:s3-presigned-url:{BUCKET}/{name}}}",
-            "meta": version,
-            "force": False,
-            "sha256": sha256 if sha256 is not None else sha256_of(path),
-            "size": size if size is not None else path.stat().st_size,
+            "meta": release.meta,
+            "force": release.force,
+            "sha256": release.sha256,
+            "size": release.size,
+            "serial": release.serial,
+            "signature": signature,
         }
-        if signature is not None:
-            doc["signature"] = signature
         doc.update(extra)
         return {k: v for k, v in doc.items() if v is not None}
 
@@ -271,6 +315,60 @@ version_confirm_window = 10
 
     def logs(self) -> str:
         return self.supervisor.log() if self.supervisor else ""
+
+
+def make_tls_material(directory: Path, ca_name: str = "upparat-test-ca") -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(key, path):
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        path.chmod(0o600)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name(ca_name)).issuer_name(name(ca_name))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    out = {"ca": directory / "ca.pem"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    import ipaddress
+
+    for role, usage, san in (("server", ExtendedKeyUsageOID.SERVER_AUTH,
+                              [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+                             ("client", ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName(THING)])):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(f"upparat-test-{role}")).issuer_name(ca.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(san), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                               critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        out[f"{role}_cert"] = directory / f"{role}.pem"
+        out[f"{role}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out[f"{role}_key"] = directory / f"{role}.key"
+        write_key(key, out[f"{role}_key"])
+    return out
 
 
 def port_open(port: int) -> bool:

@@ -1,76 +1,157 @@
-"""``python -m upparat.fetcher_proc (-c CONFIG | --from-supervisor) [-v]``:
-the socket loop. The contract is in the package docstring."""
+"""``python -m upparat.fetcher_proc (--from-supervisor | -c CONFIG) [-v]``:
+start-up checks and the socket loop. The contract is in the package docstring."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import stat
 import sys
+import time
+from pathlib import Path
 
 import zmq
 
-from upparat import codes, launch, verify
-from upparat.ipc import fetcher_protocol, wire
+from upparat import codes, launch, signature, verify
+from upparat.ipc import fetcher_protocol as fp, wire
 
+from .download import Limits
 from .fetcher import Fetcher
 
 log = logging.getLogger("upparat.fetcher_proc")
 
-POLL_MS = 200  # how quickly SIGTERM is noticed
+HEARTBEAT_S = 1.0  # the loop wakes at least this often, to beat and to push progress
 
 
-def own_dir(path, mode: int) -> str | None:
-    """Create ``path`` if missing (the supervisor normally has; its parent must
-    exist). Returns why it must not be used, or None: a directory that another
-    user owns or may write to (a pre-created /tmp/upparat) is refused."""
+def dir_problem(path: Path) -> str | None:
+    """Why this process must not use a directory the supervisor prepared, or None."""
     try:
-        if not path.is_dir():
-            path.mkdir(mode=mode, parents=False)
-            os.chmod(path, mode)  # mkdir's mode is filtered by the umask
         st = os.lstat(path)
     except OSError as exc:
-        return f"cannot create {path}: {exc.strerror}; create it owned by uid {os.getuid()}"
+        return f"{path} is missing ({exc.strerror}); upparat-supervisor creates it before starting the fetcher"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
     if st.st_uid != os.getuid():
-        return f"{path} is owned by uid {st.st_uid}, not by this process (uid {os.getuid()}); chown it"
+        return f"{path} is owned by uid {st.st_uid}, not by this process (uid {os.getuid()})"
     if st.st_mode & 0o022:
-        return f"{path} is writable by other users; chmod go-w it"
+        return f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})"
     return None
+
+
+def open_to_broker_group(path: str) -> None:
+    """The socket directory is setgid with the broker's group: 0660 lets
+    exactly that group connect (bind made it 0600)."""
+    os.chmod(path, 0o660)
+
+
+def load_keys(pems: tuple[str, ...]) -> list:
+    # cryptography is imported only when keys are configured.
+    return signature.load_public_keys(list(pems)) if pems else []
+
+
+class Wakeup:
+    """A pipe the download thread (and signals) write to, to wake the poll."""
+
+    def __init__(self):
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def __call__(self) -> None:
+        try:
+            os.write(self.write_fd, b"\0")
+        except BlockingIOError:
+            pass  # already pending
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
 
 
 def main() -> int:
     ctx = launch.start_child("fetcher", unprivileged=True)
-    cfg = ctx.config
+    # urllib3's DEBUG lines carry whole URLs, and a presigned URL's query is a credential.
+    logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLogger().level))
+    layout = ctx.layout
     try:
-        keys = [verify.load_public_key(pem.encode("utf-8")) for pem in ctx.public_keys_pem]
-    except verify.UnusableKey as exc:
+        keys = load_keys(ctx.public_keys_pem)
+    except signature.UnusableKey as exc:
         log.error("[verification] public_keys: %s; fix: list Ed25519 or ECDSA P-256 PEM files", exc)
         return codes.EXIT_USAGE
-    socket_dir = cfg.supervisor.runtime_dir / "fetcher"
-    for path, mode in ((socket_dir, 0o700), (cfg.service.download_dir, 0o750)):
-        problem = own_dir(path, mode)
+    for path in (layout.fetcher_socket.parent, layout.download_dir, layout.fetcher_state_dir):
+        problem = dir_problem(path)
         if problem:
-            log.error("%s", problem)
+            log.error("cannot start: %s", problem)
             return codes.EXIT_FAILURE
 
-    fetcher = Fetcher(cfg.service.download_dir, keys, cfg.verification)
+    cfg = ctx.config
+    wakeup = Wakeup()
+    policy = verify.Policy(allow_unsigned=cfg.verification.allow_unsigned,
+                           require_sha256=cfg.verification.require_sha256)
+    limits = Limits.from_config(cfg.service)
+    if 0 < limits.rate_limit < limits.low_speed_limit:
+        log.warning("[service] download_rate_limit (%d bytes/s) is below low_speed_limit (%d bytes/s): every "
+                    "download will be taken for stalled; lower low_speed_limit", limits.rate_limit,
+                    limits.low_speed_limit)
+    fetcher = Fetcher(layout.download_dir, layout.fetcher_state_dir, keys, policy, limits, notify=wakeup,
+                      staging_dir=layout.staging_dir)
     zctx = zmq.Context()
-    sock = wire.make_socket(zctx, zmq.REP)
+    server = wire.Server(zctx, layout.fetcher_socket, fp.REQUESTS, fetcher.handle, "fetcher",
+                         on_bound=open_to_broker_group)
+    old_wakeup = signal.set_wakeup_fd(wakeup.write_fd)  # SIGTERM ends the poll at once
     try:
-        endpoint = launch.fetcher_endpoint(cfg)
-        sock.bind(endpoint)
-        log.info("listening on %s; downloads go to %s", endpoint, cfg.service.download_dir)
-        while not ctx.stop.is_set():
-            if sock.poll(POLL_MS, zmq.POLLIN):
-                wire.serve_one(sock, fetcher_protocol.REQUESTS, fetcher.handle, "fetcher")
+        server.bind()
+        log.info("listening on %s; downloads go to %s", server.endpoint, layout.download_dir)
+        serve(ctx, server, fetcher, wakeup)
     except zmq.ZMQError as exc:
         log.error("socket error: %s", exc)
         return codes.EXIT_FAILURE
     finally:
+        signal.set_wakeup_fd(old_wakeup)
         fetcher.shutdown()
-        sock.close(linger=0)
+        server.close()
         zctx.term()
+        wakeup.close()
     log.info("stopped")
     return codes.EXIT_OK
+
+
+def serve(ctx: launch.ChildContext, server: wire.Server, fetcher: Fetcher, wakeup: Wakeup) -> None:
+    poller = zmq.Poller()
+    poller.register(wakeup.read_fd, zmq.POLLIN)
+    sock = server.sock
+    poller.register(sock, zmq.POLLIN)
+    while not ctx.stop.is_set():
+        events = dict(poller.poll(HEARTBEAT_S * 1000))
+        if wakeup.read_fd in events:
+            wakeup.drain()
+        if sock in events:
+            server.serve_ready()
+        # Every iteration: a never-finished multi-frame message never makes the socket readable.
+        server.guard_memory()
+        if server.sock is not sock:  # the memory guard re-bound the socket
+            poller.unregister(sock)
+            sock = server.sock
+            poller.register(sock, zmq.POLLIN)
+        for peer, message in fetcher.outgoing(time.monotonic()):
+            server.push(peer if peer is not None else server.last_peer, message)
+        beat(ctx, fetcher)
+
+
+def beat(ctx: launch.ChildContext, fetcher: Fetcher) -> None:
+    running = fetcher.running
+    if running is None:
+        ctx.heartbeat.beat()
+        return
+    status = running.status(0)
+    ctx.heartbeat.beat(job_id=status.job_id, execution=status.execution, bytes_done=status.bytes_done,
+                       bytes_total=status.bytes_total, rate=status.rate)
 
 
 if __name__ == "__main__":

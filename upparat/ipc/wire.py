@@ -222,7 +222,9 @@ class Server:
     with ``push(peer, message)``; it may raise ProtocolError to refuse.
     ``on_bound(path)`` runs after every (re)bind to set the socket file's
     owner and mode. Refusals are logged and answered; nothing raises out of
-    ``serve_ready`` because of what a peer sent.
+    ``serve_ready`` because of what a peer sent. The owner's main loop calls
+    ``guard_memory()`` on every iteration (at least once a second): an
+    unfinished multi-frame message never makes the socket readable.
     """
 
     def __init__(self, context: zmq.Context, socket_path: os.PathLike, requests: Catalogue, handle: Handler,
@@ -360,9 +362,10 @@ class Client:
     """The broker's end of a boundary: a DEALER that sends without waiting.
 
     Replies and pushes arrive on ``sock`` (register it in the caller's
-    poller) and are read with ``receive_ready``. ``IMMEDIATE`` means a
-    request is never queued for a peer that is not connected: ``send``
-    returns False and the caller retries on its own deadline.
+    poller) and are read with ``receive_ready``. A request sent while the
+    peer is not (yet, or again) connected waits in the socket's queue and
+    goes out when it connects; requests are idempotent, so a late one does
+    no harm. ``send`` returns False only when that queue is full.
     """
 
     def __init__(self, context: zmq.Context, endpoint: str, replies: Catalogue, name: str):
@@ -375,7 +378,7 @@ class Client:
 
     def _open(self) -> zmq.Socket:
         sock = make_socket(self._context, zmq.DEALER)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDHWM, 100)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.connect(self._endpoint)

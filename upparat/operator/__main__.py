@@ -1,0 +1,5 @@
+import sys
+
+from upparat.operator.cli import main
+
+sys.exit(main())
