@@ -117,6 +117,48 @@ def test_another_file_system_is_copied_and_hashed_in_one_pass(other_fs_area):
     assert area.final.exists()  # the fetcher deletes its own copy when told
 
 
+@pytest.mark.skipif(not ROOT, reason="makes a bind mount")
+def test_a_bind_mount_of_the_same_file_system_is_copied_not_renamed(world_tmp):
+    """Same st_dev, another mount: rename() would fail with EXDEV (systemd's
+    PrivateTmp= with BindPaths= does this to the download directory)."""
+    real = world_tmp / "real-dl"
+    bound = world_tmp / "dl"
+    real.mkdir()
+    bound.mkdir()
+    subprocess.run(["mount", "--bind", str(real), str(bound)], check=True)
+    try:
+        a = Area(bound / "upparat", world_tmp / "staging")
+        try:
+            assert os.stat(a.download_dir).st_dev == os.stat(a.staging_dir).st_dev
+            a.put()
+            result = a.stage()
+            assert (result.how, result.sha256) == ("copied", PAYLOAD_SHA)
+            assert a.staged.read_bytes() == PAYLOAD
+            assert stat.S_IMODE(a.staged.stat().st_mode) == 0o400
+        finally:
+            a.close()
+    finally:
+        subprocess.run(["umount", str(bound)], check=True)
+
+
+def test_exdev_on_rename_falls_back_to_a_copy(area, monkeypatch):
+    """If /proc cannot tell the mounts apart, rename's EXDEV still leads to a copy."""
+    import errno as errno_mod
+    area.put()
+    monkeypatch.setattr(staging, "_mount_id", lambda fd: None)
+    real_rename = os.rename
+
+    def rename(src, dst, *, src_dir_fd=None, dst_dir_fd=None):
+        if src_dir_fd != dst_dir_fd:
+            raise OSError(errno_mod.EXDEV, "Invalid cross-device link")
+        return real_rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+
+    monkeypatch.setattr(os, "rename", rename)
+    result = area.stage()
+    assert (result.how, result.sha256) == ("copied", PAYLOAD_SHA)
+    assert area.staged.read_bytes() == PAYLOAD
+
+
 def test_a_copy_that_the_source_changes_during_is_refused(other_fs_area):
     area = other_fs_area
     area.put()

@@ -8,7 +8,9 @@ links and without blocking (a FIFO, or a lease the fetcher holds, cannot stall
 root). Only a regular file with one link, owned by the fetcher's uid and no
 larger than the release says, is accepted.
 
-Same file system as the staging directory: taken over in place, no copy.
+Same mount as the staging directory (rename works only within one mount;
+a bind mount has the same file system but is another mount): taken over in
+place, no copy.
 
 1. ``fchown`` root:root and ``fchmod`` 0400 on our own descriptor: from now
    on no other user can open it for writing (and, with protected_hardlinks,
@@ -24,7 +26,7 @@ Same file system as the staging directory: taken over in place, no copy.
    intact; then size and sha256 against the release, and the release itself
    again with the installer's own keys and policy.
 
-Across file systems: one pass that reads, hashes and writes the same buffer
+Across mounts: one pass that reads, hashes and writes the same buffer
 into a 0600 temporary file in the staging directory (so the hash is the hash
 of exactly the bytes staged, whatever the source does meanwhile), after a
 free-space check; then mode 0400 and rename.
@@ -208,13 +210,40 @@ def stage(src_dir: str, staging_dirfd: int, job_id: str, execution: int, check: 
             _check_size(check, st.st_size, where)
             if cancelled():
                 raise Cancelled()
-            if st.st_dev == os.fstat(staging_dirfd).st_dev:
-                return _take_over(src_dirfd, name, fd, staging_dirfd, staged, where, check, cancelled)
+            if _same_mount(fd, st, staging_dirfd):
+                try:
+                    return _take_over(src_dirfd, name, fd, staging_dirfd, staged, where, check, cancelled)
+                except CrossDevice:
+                    pass  # e.g. a bind mount that /proc did not tell apart: copy after all
             return _copy(fd, st.st_size, staging_dirfd, staged, where, check, cancelled)
         finally:
             os.close(fd)
     finally:
         os.close(src_dirfd)
+
+
+class CrossDevice(Exception):
+    """rename() said EXDEV: the two directories are on different mounts."""
+
+
+def _mount_id(fd: int) -> int | None:
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _same_mount(fd: int, st: os.stat_result, staging_dirfd: int) -> bool:
+    """rename() works only within one mount: one file system is not enough (a
+    bind mount, e.g. systemd's PrivateTmp= with BindPaths=, has the same st_dev)."""
+    if st.st_dev != os.fstat(staging_dirfd).st_dev:
+        return False
+    mine, theirs = _mount_id(fd), _mount_id(staging_dirfd)
+    return mine is None or theirs is None or mine == theirs
 
 
 def _take_over(src_dirfd: int, name: str, fd: int, staging_dirfd: int, staged: str, where: str, check: Check,
@@ -231,7 +260,12 @@ def _take_over(src_dirfd: int, name: str, fd: int, staging_dirfd: int, staged: s
     _lease(fd, where)
     moved = False
     try:
-        os.rename(name, staged, src_dir_fd=src_dirfd, dst_dir_fd=staging_dirfd)
+        try:
+            os.rename(name, staged, src_dir_fd=src_dirfd, dst_dir_fd=staging_dirfd)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise CrossDevice() from None
+            raise
         moved = True
         now = os.stat(staged, dir_fd=staging_dirfd, follow_symlinks=False)
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
