@@ -89,7 +89,8 @@ def build(ctx: launch.ChildContext, wake) -> tuple[Installer, int]:
     """Everything before the first request; raises StartError."""
     cfg = ctx.config
     as_root = os.geteuid() == 0
-    if ctx.standalone and as_root:
+    if ctx.standalone and as_root and ctx.config_path != "-":
+        # "-c -": systemd opened the root-only file as root and handed it over on stdin.
         check_config_file(ctx.config_path)
     keys = load_keys(ctx.public_keys_pem)
     check_hooks(cfg.hooks, as_root)

@@ -168,7 +168,7 @@ class Installer:
         """For the heartbeat."""
         job = self.state.job
         return {"busy": self.busy(), "job_id": job.job_id if job else None,
-                "execution": job.execution if job else None, "phase": job.phase if job else None}
+                "execution": job.execution if job else None, "phase": job.phase if job else "idle"}
 
     # ----- the answers --------------------------------------------------------------
     def answer_ping(self, message: Ping) -> ip.Pong:
