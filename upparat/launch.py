@@ -133,6 +133,11 @@ class ChildContext:
     verbose: bool
     tls: dict[str, str] = field(default_factory=dict)  # cafile/certfile/keyfile PEM text
     public_keys_pem: tuple[str, ...] = ()
+    # Started on its own (``-c CONFIG``, one systemd unit per process) rather
+    # than by the supervisor: such a child applies the supervisor's own checks
+    # to ``config_path`` and prepares its own directories.
+    standalone: bool = False
+    config_path: str = ""
     stop: threading.Event = field(default_factory=threading.Event)
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
     # broker with [service] sentry, started by the supervisor: its stdin stays
@@ -397,6 +402,7 @@ def start_child(name: str, unprivileged: bool, argv: list[str] | None = None) ->
             forward_problems(heartbeat)
     ctx = ChildContext(name=name, config=cfg, layout=settings.layout, ids=settings.ids, verbose=settings.verbose,
                        tls=dict(settings.tls), public_keys_pem=tuple(settings.public_keys_pem),
+                       standalone=not args.from_supervisor, config_path=settings.config_path,
                        stop=stop, heartbeat=heartbeat)
     if args.from_supervisor and name == "broker" and cfg.service.sentry:
         os.set_blocking(0, False)

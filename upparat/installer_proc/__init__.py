@@ -1,29 +1,42 @@
-"""upparat-installer: the one process that stays root. It runs the device
-owner's hooks and stages the files they install.
+"""upparat-installer: the one process that stays root. It verifies releases
+with its own keys, stages the files it verified itself, and runs the device
+owner's hooks. It treats its only peer, the broker, as possibly compromised,
+and the downloaded file as the fetcher's, until it has taken it over.
 
-Trusts: only its own root-owned configuration (the hook commands, the
-retry/timeout bounds, the staging directory, the verification policy and
-public keys), and the files in its own root-only staging directory.
+Trusts: its own root-owned configuration (hook commands, bounds, staging
+directory, verification policy), the public keys the supervisor read for it
+(or it read itself, standalone), and its own root-only staging directory
+with its record ``state.json``. Nothing else.
 
-Accepts: on a REP socket at ``<runtime_dir>/installer/installer.sock``
-(0660, group ``[supervisor] group``), the messages of
-``upparat.ipc.installer_protocol`` and nothing else: ping, query_hook,
-run_hook, stage, discard. Every request is decoded and schema-checked by the
-catalogue, then checked against the allow-list in ``allow.py`` (what is
-permitted now, e.g. ``restart`` only after this job's install hook exited 0).
-Anything else is refused whole, logged, and answered with ``refused``.
+Accepts: on a ROUTER socket at ``<runtime_dir>/installer/installer.sock``
+(0660, root and the broker's group; the fetcher's user cannot reach it), the
+requests of ``upparat.ipc.installer_protocol`` and nothing else: ping,
+open_job, query_job, stage, run_hook, discard. Each one is decoded with
+limits by ``upparat.ipc.wire`` (malformed: refused and logged), then checked
+against the one literal allow-list in ``allow.py`` (phase, once-only steps,
+busy), then answered by ``Installer.answer_<type>``. A refused request is
+refused whole; nothing of it is done.
 
-Promises (DESIGN.md section 3):
-1. It runs only the commands named in its config, chosen by hook name, as an
-   argv list with a clean environment, cwd ``/``, stdin ``/dev/null``, in a
-   new session; never a shell, never a command or path from a message.
-2. The install hook only ever gets ``<staging>/<job_id>``: a file the
-   installer copied itself from ``<download_dir>/<job_id>`` (no symlinks, no
-   peer-chosen path) into its 0700 directory and verified *there* (size,
-   sha256, signature, by its own policy). Only root can change it afterwards.
-3. Malformed, oversized, unknown or out-of-phase requests are refused and
-   logged; the installer keeps running. One hook runs at a time; every hook
-   attempt is bounded by ``[hooks] timeout`` and retries by ``max_retries``.
-   SIGTERM stops a running hook (SIGTERM, then SIGKILL to its process group)
-   and exits 0.
+Promises (DESIGN.md section 3; docs/security.md, "The installer boundary"):
+1. It runs only the hooks named in its config, chosen by hook name, as an
+   argv list with a fixed environment, stdin ``/dev/null``, cwd ``/``, in a
+   process group of its own that dies with the installer; each hook path is
+   re-checked (only root can change it) right before every run. Every hook
+   argument comes from its own record of the job, never from a message.
+2. A release is verified by the installer itself when the job is opened:
+   its signed statement with its own keys (unsigned only with
+   ``[verification] allow_unsigned``), and its ``serial`` against the highest
+   signed serial installed (lower: ``rollback_refused``).
+3. The install hook only ever gets ``<staging>/<job_id>.<execution>``: the
+   download it took out of the fetcher's reach (in place, proven writer-free
+   with read leases, or one pass that copies and hashes) and verified from
+   its own read. Nothing can change it until the end of the install hook.
+4. Its main loop survives any input, bounded in memory; a hook or staging
+   runs in a thread and reports back; the loop answers within a second.
+5. Its record is written before it acts and after each outcome (atomically,
+   fsynced), so that after a crash or a power loss it tells the broker what
+   was really done: ``installing`` becomes ``install_interrupted`` (install
+   may run again), ``restarting`` becomes ``restarted``; leftover hook
+   processes are killed by their marker; stray staged files are deleted.
+6. SIGTERM stops a running hook (its whole group) and exits 0.
 """

@@ -1,106 +1,190 @@
-"""``python -m upparat.installer_proc``: start-up and the REP loop."""
+"""``python -m upparat.installer_proc``: start-up checks and the main loop."""
 
 from __future__ import annotations
 
-import grp
+import functools
 import logging
 import os
+import signal
 import sys
-from pathlib import Path
 
 import zmq
 
-from upparat import codes, launch, verify
-from upparat.config import Config
+from upparat import codes, launch, trust, verify
 from upparat.ipc import installer_protocol, wire
+from upparat.ipc.settings import Identities, Layout
+from upparat.release import HOOK_NAMES
 
-from .allow import Installer
-from .dirs import SetupError, check_ancestors, ensure_dir
-from .staging import StagingArea
+from . import allow, staging
+from .dirs import SetupError, ensure_dir
+from .installer import Installer, Settings
 
 log = logging.getLogger("upparat.installer_proc")
 
-POLL_MS = 200  # how often the loop looks at the stop flag
+POLL_MS = 100  # the loop looks at the stop flag, the memory guard and the heartbeat at least this often:
+# a peer streaming an endless multi-frame message at ~1 GB/s gets ~100 MiB past the guard per period
 
 
-def socket_group(cfg: Config) -> int | None:
-    """The gid that may connect (the unprivileged broker's group); None when not root."""
-    if os.geteuid() != 0:
-        return None
+class StartError(Exception):
+    """The installer cannot start; ``code`` is its exit code, the text names the fix."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def load_keys(pems: tuple[str, ...]) -> list:
+    """The installer's own keys; ``cryptography`` is imported only when there are any."""
+    if not pems:
+        return []
+    from upparat import signature
+
     try:
-        return grp.getgrnam(cfg.supervisor.group).gr_gid
-    except KeyError:
-        log.warning("group %r ([supervisor] group) does not exist: only root can reach the installer socket",
-                    cfg.supervisor.group)
-        return 0
+        return signature.load_public_keys(list(pems))
+    except signature.UnusableKey as exc:
+        raise StartError(codes.EXIT_USAGE, f"[verification] public_keys: {exc}. Fix: give Ed25519 or ECDSA "
+                         "P-256 public keys (PEM) or certificates") from None
 
 
-def prepare_socket_dir(cfg: Config, gid: int | None) -> Path:
-    runtime = cfg.supervisor.runtime_dir
-    if not runtime.exists():  # started on its own; the supervisor normally creates it
-        check_ancestors(runtime)
-        runtime.mkdir(mode=0o755, parents=True, exist_ok=True)
-        runtime.chmod(0o755)
-    directory = runtime / "installer"
-    # 0750 as the supervisor makes it; without a group (not root) the socket itself stays 0600.
-    os.close(ensure_dir(directory, 0o750, gid))
-    return directory
+def check_hooks(hooks, as_root: bool) -> None:
+    """Every configured hook must be something only root can change (checked
+    again before every run)."""
+    for name in HOOK_NAMES:
+        path = hooks.command(name)
+        if path is None:
+            continue
+        problem = trust.executable_problem(path, as_root=as_root)
+        if problem:
+            raise StartError(codes.EXIT_USAGE, f"[hooks] {name}: {problem}. Fix: make {path} an executable file "
+                             "that only root can change (the file and every directory and symlink on its path "
+                             "owned by root and not writable by others), or remove the key")
 
 
-def open_socket_file(path: Path, gid: int | None) -> None:
-    """bind() made it under umask 077; let the broker's group connect."""
-    if gid is None:
-        return
-    os.chown(path, -1, gid, follow_symlinks=False)
-    os.chmod(path, 0o660)
+def check_config_file(path: str) -> None:
+    """Standalone (one systemd unit per process): the supervisor's own check."""
+    problem = trust.root_controlled(os.path.abspath(path))
+    if problem:
+        raise StartError(codes.EXIT_USAGE, f"{problem}, and {path} names the commands root runs. Fix: make "
+                         f"{path} and every directory above it owned by root and not writable by others "
+                         f"(chown root:root {path}; chmod go-w {path})")
 
 
-def load_keys(ctx: launch.ChildContext) -> list:
-    return [verify.load_public_key(pem.encode("utf-8")) for pem in ctx.public_keys_pem]
+def prepare_own_directories(layout: Layout, ids: Identities) -> None:
+    """Standalone: what the supervisor would have created for the installer."""
+    socket_gid = ids.broker_gid if ids.separated else None
+    os.close(ensure_dir(layout.runtime_dir, 0o755))
+    os.close(ensure_dir(layout.installer_socket.parent, 0o750, socket_gid))
+
+
+def socket_opener(ids: Identities):
+    def on_bound(path: str) -> None:
+        """Only the broker's group may connect (the directory lets only it in, too)."""
+        if ids.separated:
+            os.chown(path, 0, ids.broker_gid, follow_symlinks=False)
+            os.chmod(path, 0o660)
+    return on_bound
+
+
+def build(ctx: launch.ChildContext, wake) -> tuple[Installer, int]:
+    """Everything before the first request; raises StartError."""
+    cfg = ctx.config
+    as_root = os.geteuid() == 0
+    if ctx.standalone and as_root and ctx.config_path != "-":
+        # "-c -": systemd opened the root-only file as root and handed it over on stdin.
+        check_config_file(ctx.config_path)
+    keys = load_keys(ctx.public_keys_pem)
+    check_hooks(cfg.hooks, as_root)
+    try:
+        if ctx.standalone:
+            prepare_own_directories(ctx.layout, ctx.ids)
+        staging_dirfd = ensure_dir(ctx.layout.staging_dir, 0o700)
+    except (SetupError, OSError) as exc:
+        raise StartError(codes.EXIT_USAGE, f"[service] staging_location / [supervisor] runtime_dir: {exc}") \
+            from None
+    settings = Settings(
+        hooks=cfg.hooks, staging_dir=ctx.layout.staging_dir, download_dir=ctx.layout.download_dir,
+        fetcher_uid=ctx.ids.fetcher_uid if ctx.ids.separated else None, keys=keys,
+        policy=verify.Policy(allow_unsigned=cfg.verification.allow_unsigned,
+                             require_sha256=cfg.verification.require_sha256),
+        max_file_size=cfg.service.max_file_size, as_root=as_root)
+    installer = Installer(settings, staging_dirfd, wake)
+    try:
+        installer.recover()
+    except OSError as exc:  # e.g. a read-only or full staging file system
+        raise StartError(codes.EXIT_FAILURE, f"cannot record the installer's state in {ctx.layout.staging_dir}: "
+                         f"{exc}") from None
+    return installer, staging_dirfd
+
+
+class Waker:
+    """A pipe the threads (and signal handlers) write to, so that the main
+    loop wakes at once instead of at its next timeout."""
+
+    def __init__(self):
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def wake(self) -> None:
+        try:
+            os.write(self.write_fd, b"w")
+        except BlockingIOError:
+            pass  # already full: the loop will wake anyway
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+def serve(ctx: launch.ChildContext, installer: Installer, server: wire.Server, waker: Waker) -> None:
+    """The main loop: requests, thread outcomes, memory guard, heartbeat."""
+    installer.push = lambda message: server.push(server.last_peer, message)
+    while not ctx.stop.is_set():
+        sock = server.sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(waker.read_fd, zmq.POLLIN)
+        events = dict(poller.poll(POLL_MS))
+        if waker.read_fd in events:
+            waker.drain()
+        installer.apply_events()
+        if sock in events:
+            server.serve_ready()
+        else:
+            # libzmq buffers a multi-frame message until its last frame: an
+            # endless one never makes the socket readable, so look anyway.
+            server.guard_memory()
+        ctx.heartbeat.beat(**installer.status())
 
 
 def main() -> int:
     ctx = launch.start_child("installer", unprivileged=False)
-    cfg = ctx.config
+    staging.ignore_lease_breaks()  # before any lease: a lease break must not kill root
+    waker = Waker()
+    signal.set_wakeup_fd(waker.write_fd, warn_on_full_buffer=False)  # SIGTERM wakes the loop at once
     try:
-        keys = load_keys(ctx)
-    except verify.UnusableKey as exc:
-        log.error("[verification] public_keys: %s", exc)
-        return codes.EXIT_USAGE
-    try:
-        gid = socket_group(cfg)
-        socket_dir = prepare_socket_dir(cfg, gid)
-        staging = StagingArea(cfg, keys)
-    except (SetupError, OSError) as exc:
+        installer, staging_dirfd = build(ctx, waker.wake)
+    except StartError as exc:
         log.error("cannot start: %s", exc)
-        return codes.EXIT_FAILURE
-
-    installer = Installer(cfg.hooks, staging)
-    endpoint = launch.installer_endpoint(cfg)
-    socket_path = socket_dir / "installer.sock"
+        return exc.code
     context = zmq.Context()
-    sock = wire.make_socket(context, zmq.REP)
+    server = wire.Server(context, ctx.layout.installer_socket, installer_protocol.REQUESTS,
+                         functools.partial(allow.dispatch, installer), "installer",
+                         on_bound=socket_opener(ctx.ids))
     try:
-        try:
-            socket_path.unlink()  # a stale socket of an earlier run; the directory is ours
-        except FileNotFoundError:
-            pass
-        os.umask(0o077)  # the socket file is born 0600; open_socket_file widens it to the group
-        sock.bind(endpoint)
-        open_socket_file(socket_path, gid)
-        log.info("listening on %s; staging in %s", endpoint, staging.path)
-        while not ctx.stop.is_set():
-            if sock.poll(POLL_MS, zmq.POLLIN):
-                wire.serve_one(sock, installer_protocol.REQUESTS, installer.dispatch, "installer")
+        server.bind()
+        log.info("listening on %s; staging in %s", server.endpoint, ctx.layout.staging_dir)
+        serve(ctx, installer, server, waker)
     finally:
         installer.stop()
-        sock.close(linger=0)
+        server.close()
         context.term()
-        staging.close()
-        try:
-            socket_path.unlink()
-        except OSError:
-            pass
+        os.close(staging_dirfd)
     log.info("stopped")
     return codes.EXIT_OK
 

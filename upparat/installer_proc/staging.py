@@ -1,300 +1,429 @@
-"""Staging: the installer's own copy of a job's file, verified where it lies.
+"""Staging: the installer takes the downloaded file out of the fetcher's
+reach and verifies its own read of it (DESIGN.md promise 2; the handoff is
+described in upparat.ipc.handoff; docs/security.md, "Staging").
 
-``stage`` copies ``<download_dir>/<job_id>`` (the path is built here from the
-checked job_id, never taken from a message) into the root-only staging
-directory, hashes *the copy* and checks it against the job's expectations with
-the installer's own verification policy and keys. Only then is it renamed to
-``<staging>/<job_id>``: the one file the install hook is ever given. The
-staging directory is 0700 and the file 0600, so nothing but root can change it
-between verification and the end of the install hook.
+The path is never taken from a message: it is ``handoff.final_name(job_id,
+execution)`` opened relative to the download directory, without following
+links and without blocking (a FIFO, or a lease the fetcher holds, cannot stall
+root). Only a regular file with one link, owned by the fetcher's uid and no
+larger than the release says, is accepted.
 
-Per job it records, in ``<staging>/state.json``, that the file was staged and
-verified and whether its install hook finished with exit 0, so that a restart
-of the installer between install and restart still permits ``restart`` and
-does not permit ``install`` again.
+Same mount as the staging directory (rename works only within one mount;
+a bind mount has the same file system but is another mount): taken over in
+place, no copy.
+
+1. ``fchown`` root:root and ``fchmod`` 0400 on our own descriptor: from now
+   on no other user can open it for writing (and, with protected_hardlinks,
+   cannot link it).
+2. A read lease (``F_SETLEASE F_RDLCK``) is refused by the kernel while any
+   descriptor or shared mapping open for writing exists: granted, it proves
+   that the fetcher kept no way to change the bytes.
+3. Rename into the 0700 staging directory, and check that the name now
+   leads to the inode we hold (the fetcher could have swapped the name).
+4. ``F_GETLEASE`` still ``F_RDLCK``: nobody even tried to open it for
+   writing meanwhile (that would have started breaking the lease).
+5. A second lease, the hash from our own descriptor, the lease still
+   intact; then size and sha256 against the release, and the release itself
+   again with the installer's own keys and policy.
+
+Across mounts: one pass that reads, hashes and writes the same buffer
+into a 0600 temporary file in the staging directory (so the hash is the hash
+of exactly the bytes staged, whatever the source does meanwhile), after a
+free-space check; then mode 0400 and rename.
+
+Either way, the staged file is root's, read-only, in a directory only root
+can enter: nothing can change it between verification and the end of the
+install hook.
+
+A lease break sends SIGIO to the lease holder, which would terminate the
+process by default: ``ignore_lease_breaks`` must run in the main thread
+before any lease is taken.
 """
 
 from __future__ import annotations
 
 import errno
-import json
+import fcntl
+import hashlib
 import logging
 import os
 import secrets
+import signal
 import stat
-import threading
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
 
 from upparat import verify
-from upparat.config import Config
-from upparat.ipc import installer_protocol as ip
-from upparat.ipc.wire import JOB_ID_RE, SHA256_RE
+from upparat.ipc import handoff
+from upparat.release import Release
 
-from .dirs import ensure_dir
+from .record import STATE_FILE, TEMP_PREFIX as STATE_TEMP_PREFIX
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
-STATE_VERSION = 1
-TEMP_PREFIXES = (".stage-", ".state-")  # cannot collide with a job_id (no dots)
-MAX_JOBS = 8  # staged jobs kept at once; the broker discards finished ones
-SPACE_MARGIN = 1024 * 1024  # bytes left free after staging
-COPY_CHUNK = 1024 * 1024
+COPY_TEMP_PREFIX = ".stage-"  # job ids hold no dots: never a staged file's name
+CHUNK = 1024 * 1024
+SPACE_MARGIN = 16 * 1024 * 1024  # left free after a copy, for the state file and the hooks
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
-
-@dataclass
-class StagedJob:
-    version: str
-    sha256: str
-    size: int
-    installed: bool = False
+VERIFICATION_FAILED = "verification_failed"
+FILE_MISSING = "file_missing"
+FILE_TOO_LARGE = "file_too_large"
+NO_SPACE = "insufficient_disk_space"
 
 
 class StageFailed(Exception):
+    """The file cannot be staged; ``failure`` is a job status state."""
+
     def __init__(self, failure: str, message: str):
         super().__init__(message)
         self.failure = failure
 
 
-class StagingArea:
-    """The root-only staging directory and the per-job record it holds."""
+class Cancelled(Exception):
+    """Staging was stopped (discard, installer stop)."""
 
-    def __init__(self, cfg: Config, keys: list):
-        self.path = cfg.service.staging_location
-        self.download_dir = cfg.service.download_dir
-        self._policy = cfg.verification
-        self._keys = keys
-        self._lock = threading.Lock()  # jobs are updated by hook threads too
-        self._dirfd = ensure_dir(self.path, 0o700)
-        self._remove_temporaries()
-        self._jobs: dict[str, StagedJob] = self._load()
 
-    def close(self) -> None:
-        os.close(self._dirfd)
+@dataclass(frozen=True)
+class Staged:
+    sha256: str
+    size: int
+    how: str  # "in place", "copied", "re-verified"
 
-    # ----- the record ----------------------------------------------------
-    def job(self, job_id: str) -> StagedJob | None:
-        with self._lock:
-            return self._jobs.get(job_id)
 
-    def job_count(self) -> int:
-        with self._lock:
-            return len(self._jobs)
+@dataclass(frozen=True)
+class Check:
+    """What the staged bytes must satisfy, from the installer's own record and config."""
 
-    def staged_path(self, job_id: str) -> Path:
-        return self.path / job_id
+    release: Release
+    keys: list
+    policy: verify.Policy
+    max_size: int  # the release's size, or [service] max_file_size when it has none
 
-    def staged_file_intact(self, job_id: str) -> bool:
-        """The staged file is still the regular 0600 file of the recorded size."""
-        return self._intact(job_id, self.job(job_id))
 
-    def _intact(self, job_id: str, job: StagedJob | None) -> bool:
+def ignore_lease_breaks() -> None:
+    """SIGIO (a lease break) must not terminate the installer. Main thread only."""
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
+
+
+def _require_sigio_ignored() -> None:
+    if signal.getsignal(signal.SIGIO) in (signal.SIG_DFL, None):
+        # Our own inconsistency: taking a lease now could get root killed by a writer.
+        raise RuntimeError("SIGIO is not ignored: call ignore_lease_breaks() before staging")
+
+
+def _lease(fd: int, what: str) -> None:
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise StageFailed(VERIFICATION_FAILED, f"{what} is still open for writing by some process (the "
+                              "download process must close it before it reports done); not staged") from None
+        raise
+
+
+def _lease_intact(fd: int) -> bool:
+    return fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
+
+
+def _unlease(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+
+
+def check_bytes(check: Check, sha256: str, size: int) -> None:
+    problem = verify.bytes_failure(check.release, sha256, size)
+    if problem:
+        raise StageFailed(VERIFICATION_FAILED, problem)
+    failure = verify.release_failure(check.release, check.keys, check.policy)
+    if failure is not None:
+        raise StageFailed(failure.state, failure.message)
+
+
+def _check_size(check: Check, size: int, where: str) -> None:
+    release_size = check.release.size
+    if release_size is not None and size != release_size:
+        raise StageFailed(VERIFICATION_FAILED, f"{where} has {size} bytes, the job document says {release_size}")
+    if size > check.max_size:
+        raise StageFailed(FILE_TOO_LARGE, f"{where} has {size} bytes, more than [service] max_file_size "
+                          f"({check.max_size})")
+
+
+def _open_download(src_dirfd: int, name: str, where: str, fetcher_uid: int | None) -> tuple[int, os.stat_result]:
+    try:
+        before = os.stat(name, dir_fd=src_dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise StageFailed(FILE_MISSING, f"{where} does not exist (the download is not finished)") from None
+    if stat.S_ISLNK(before.st_mode):
+        raise StageFailed(VERIFICATION_FAILED, f"{where} is a symbolic link; only a regular file is staged")
+    if not stat.S_ISREG(before.st_mode):
+        raise StageFailed(VERIFICATION_FAILED, f"{where} is not a regular file")
+    try:
+        fd = os.open(name, OPEN_FLAGS, dir_fd=src_dirfd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StageFailed(VERIFICATION_FAILED, f"{where} is a symbolic link; only a regular file is staged") \
+                from None
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise StageFailed(VERIFICATION_FAILED, f"{where} is locked by a lease of another process") from None
+        if exc.errno == errno.ENOENT:
+            raise StageFailed(FILE_MISSING, f"{where} does not exist") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+            raise StageFailed(VERIFICATION_FAILED, f"{where} was replaced while it was opened")
+        if not stat.S_ISREG(st.st_mode):
+            raise StageFailed(VERIFICATION_FAILED, f"{where} is not a regular file")
+        if st.st_nlink != 1:
+            raise StageFailed(VERIFICATION_FAILED, f"{where} has {st.st_nlink} hard links; expected 1")
+        if fetcher_uid is not None and st.st_uid != fetcher_uid:
+            raise StageFailed(VERIFICATION_FAILED, f"{where} is owned by uid {st.st_uid}, not by the download "
+                              f"process (uid {fetcher_uid})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def stage(src_dir: str, staging_dirfd: int, job_id: str, execution: int, check: Check, *,
+          fetcher_uid: int | None, cancelled: Callable[[], bool]) -> Staged:
+    """Take over (or copy) and verify the job's download; the result is
+    ``<staging>/<handoff.staged_name>``. Raises StageFailed or Cancelled;
+    on any failure nothing is left in the staging directory."""
+    _require_sigio_ignored()
+    name = handoff.final_name(job_id, execution)
+    staged = handoff.staged_name(job_id, execution)
+    if _exists(staging_dirfd, staged):
+        # Moved here by an earlier stage that was cut off (the installer
+        # stopped): only root could touch it since; verify it again.
+        log.info("job %s.%d: the staged file of an interrupted stage is there; verifying it again", job_id,
+                 execution)
+        return reverify(staging_dirfd, staged, check, cancelled)
+    where = os.path.join(src_dir, name)
+    try:
+        src_dirfd = os.open(src_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StageFailed(FILE_MISSING, f"download directory {src_dir}: {exc.strerror}") from None
+    try:
+        fd, st = _open_download(src_dirfd, name, where, fetcher_uid)
         try:
-            st = os.stat(job_id, dir_fd=self._dirfd, follow_symlinks=False)
-        except OSError:
-            return False
-        return (job is not None and stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
-                and stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == job.size)
-
-    def mark_installed(self, job_id: str) -> None:
-        with self._lock:
-            job = self._jobs[job_id]
-            job.installed = True
-            try:
-                self._persist()
-            except OSError:
-                job.installed = False  # not recorded: not permitted to restart
-                raise
-
-    def discard(self, job_id: str) -> None:
-        with self._lock:
-            self._jobs.pop(job_id, None)
-            self._unlink(job_id)
-            self._persist()
-
-    # ----- staging -------------------------------------------------------
-    def stage(self, message: ip.Stage) -> ip.StageStatus:
-        job_id = message.job_id
-        try:
-            self.discard(job_id)  # a new attempt replaces the old copy, whatever happens
-            job = self._stage(message)
-            self._record(job_id, job)
-        except OSError as exc:  # e.g. the state record cannot be written
-            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            failure = StageFailed("insufficient_disk_space" if full else "verification_failed",
-                                  f"staging in {self.path} failed: {exc.strerror}")
-            return self._failed(message, failure)
-        except StageFailed as exc:
-            return self._failed(message, exc)
-        signature = "signature verified" if message.signature is not None and self._keys else "no signature checked"
-        text = f"staged {job.size} bytes, sha256 {job.sha256}, {signature}"
-        log.info("job %s: %s", job_id, text)
-        return ip.StageStatus(job_id=job_id, seq=message.seq, state=ip.STAGED, failure=None, message=text)
-
-    def _failed(self, message: ip.Stage, exc: StageFailed) -> ip.StageStatus:
-        log.warning("stage of job %s failed (%s): %s", message.job_id, exc.failure, exc)
-        return ip.StageStatus(job_id=message.job_id, seq=message.seq, state=ip.STAGE_FAILED,
-                              failure=exc.failure, message=str(exc)[: ip.MAX_OUTPUT])
-
-    def _record(self, job_id: str, job: StagedJob) -> None:
-        with self._lock:
-            self._jobs[job_id] = job
-            try:
-                self._persist()
-            except OSError:
-                del self._jobs[job_id]
-                self._unlink(job_id)
-                raise
-
-    def _stage(self, message: ip.Stage) -> StagedJob:
-        expected = verify.Expected(message.version, message.sha256, message.size, message.signature)
-        # The installer's own policy counts, whatever the other side already checked.
-        if expected.sha256 is None and self._policy.require_sha256:
-            raise StageFailed("verification_failed", "the job document has no sha256 and [verification] "
-                              "require_sha256 is on (set it to false to allow such jobs)")
-        if expected.signature is None and self._policy.require_signature:
-            raise StageFailed("verification_failed",
-                              "the job document has no signature and [verification] require_signature is on")
-        source = self._open_source(message.job_id)
-        try:
-            st = os.fstat(source)
-            where = self.download_dir / message.job_id
-            if not stat.S_ISREG(st.st_mode):
-                raise StageFailed("file_missing", f"{where} is not a regular file")
-            if st.st_nlink != 1:
-                raise StageFailed("verification_failed", f"{where} has {st.st_nlink} hard links; expected 1")
-            if expected.size is not None and st.st_size != expected.size:
-                raise StageFailed("verification_failed",
-                                  f"size is {st.st_size} bytes, the job document says {expected.size}")
-            vfs = os.fstatvfs(self._dirfd)
-            free = vfs.f_bavail * vfs.f_frsize
-            if st.st_size + SPACE_MARGIN > free:
-                raise StageFailed("insufficient_disk_space",
-                                  f"staging needs {st.st_size} bytes but {self.path} has {free} bytes free")
-            return self._copy_and_verify(message.job_id, source, st.st_size, expected)
+            _check_size(check, st.st_size, where)
+            if cancelled():
+                raise Cancelled()
+            if _same_mount(fd, st, staging_dirfd):
+                try:
+                    return _take_over(src_dirfd, name, fd, staging_dirfd, staged, where, check, cancelled)
+                except CrossDevice:
+                    pass  # e.g. a bind mount that /proc did not tell apart: copy after all
+            return _copy(fd, st.st_size, staging_dirfd, staged, where, check, cancelled)
         finally:
-            os.close(source)
+            os.close(fd)
+    finally:
+        os.close(src_dirfd)
 
-    def _open_source(self, job_id: str) -> int:
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+class CrossDevice(Exception):
+    """rename() said EXDEV: the two directories are on different mounts."""
+
+
+def _mount_id(fd: int) -> int | None:
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _same_mount(fd: int, st: os.stat_result, staging_dirfd: int) -> bool:
+    """rename() works only within one mount: one file system is not enough (a
+    bind mount, e.g. systemd's PrivateTmp= with BindPaths=, has the same st_dev)."""
+    if st.st_dev != os.fstat(staging_dirfd).st_dev:
+        return False
+    mine, theirs = _mount_id(fd), _mount_id(staging_dirfd)
+    return mine is None or theirs is None or mine == theirs
+
+
+def _take_over(src_dirfd: int, name: str, fd: int, staging_dirfd: int, staged: str, where: str, check: Check,
+               cancelled: Callable[[], bool]) -> Staged:
+    if os.geteuid() == 0:
+        os.fchown(fd, 0, 0)  # also clears any set-id bit
+    os.fchmod(fd, 0o400)
+    st = os.fstat(fd)
+    if st.st_nlink == 0:
+        raise StageFailed(VERIFICATION_FAILED, f"{where} was replaced or deleted while it was taken over; "
+                          "not staged")
+    if st.st_nlink != 1:  # linked before the chown; protected_hardlinks stops it after
+        raise StageFailed(VERIFICATION_FAILED, f"{where} got a second hard link; not staged")
+    _lease(fd, where)
+    moved = False
+    try:
         try:
-            dirfd = os.open(self.download_dir, flags | os.O_DIRECTORY)
+            os.rename(name, staged, src_dir_fd=src_dirfd, dst_dir_fd=staging_dirfd)
         except OSError as exc:
-            raise StageFailed("file_missing", f"download directory {self.download_dir}: {exc.strerror}") from None
-        try:
-            return os.open(job_id, flags | os.O_NONBLOCK, dir_fd=dirfd)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise StageFailed("file_missing", f"{self.download_dir / job_id} is a symlink; "
-                                  "only a regular file is staged") from None
-            raise StageFailed("file_missing", f"{self.download_dir / job_id}: {exc.strerror}") from None
-        finally:
-            os.close(dirfd)
-
-    def _copy_and_verify(self, job_id: str, source: int, size: int, expected: verify.Expected) -> StagedJob:
-        temp = f".stage-{job_id}-{secrets.token_hex(4)}"
-        target = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=self._dirfd)
-        keep = False
-        try:
-            _copy(source, target, size)
-            os.fsync(target)
-            sha256, copied = verify.hash_fd(target)  # the copy is what counts, not the source
-            problem = verify.check(expected, sha256, copied, self._keys, self._policy.require_signature)
-            if problem:
-                raise StageFailed("verification_failed", problem)
-            os.rename(temp, job_id, src_dir_fd=self._dirfd, dst_dir_fd=self._dirfd)
-            os.fsync(self._dirfd)
-            keep = True
-            return StagedJob(version=expected.version, sha256=sha256, size=copied)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StageFailed("insufficient_disk_space", f"{self.path} is full: {exc.strerror}") from None
-            raise StageFailed("verification_failed", f"cannot copy the file to {self.path}: {exc.strerror}") from None
-        finally:
-            os.close(target)
-            if not keep:
-                self._unlink(temp)
-
-    # ----- the directory and the state file ------------------------------
-    def _unlink(self, name: str) -> None:
-        try:
-            os.unlink(name, dir_fd=self._dirfd)
-        except FileNotFoundError:
-            pass
-
-    def _remove_temporaries(self) -> None:
-        for name in os.listdir(self._dirfd):
-            if name.startswith(TEMP_PREFIXES):
-                self._unlink(name)
-
-    def _load(self) -> dict[str, StagedJob]:
-        try:
-            fd = os.open(STATE_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dirfd)
-        except FileNotFoundError:
-            return {}
-        except OSError as exc:
-            log.error("cannot open %s (%s); starting with no staged jobs", self.path / STATE_FILE, exc.strerror)
-            return {}
-        try:
-            with os.fdopen(fd, "rb") as fh:
-                jobs = _parse_state(fh.read(1024 * 1024))
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            log.error("%s is corrupt (%s); starting with no staged jobs", self.path / STATE_FILE, exc)
-            return {}
-        for job_id, job in list(jobs.items()):
-            if not job.installed and not self._intact(job_id, job):
-                log.warning("staged file of job %s is gone or changed; forgetting the job", job_id)
-                del jobs[job_id]
-        return jobs
-
-    def _persist(self) -> None:
-        """Write the record atomically (temp file, fsync, rename). Caller holds the lock."""
-        data = json.dumps({"v": STATE_VERSION, "jobs": {k: asdict(v) for k, v in self._jobs.items()}}).encode()
-        temp = f".state-{secrets.token_hex(4)}"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=self._dirfd)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(temp, STATE_FILE, src_dir_fd=self._dirfd, dst_dir_fd=self._dirfd)
-            os.fsync(self._dirfd)
-        except BaseException:
-            self._unlink(temp)
+            if exc.errno == errno.EXDEV:
+                raise CrossDevice() from None
             raise
+        moved = True
+        now = os.stat(staged, dir_fd=staging_dirfd, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise StageFailed(VERIFICATION_FAILED, f"{where} was replaced while it was taken over; not staged")
+        os.fsync(staging_dirfd)
+        os.fsync(src_dirfd)
+        if not _lease_intact(fd):
+            raise StageFailed(VERIFICATION_FAILED, f"a process tried to open {where} for writing while it was "
+                              "taken over; not staged")
+        _unlease(fd)
+        # A lease granted now proves again that no writer exists, and holding it
+        # while hashing proves that none appeared before the hash was complete.
+        _lease(fd, where)
+        if cancelled():
+            raise Cancelled()
+        sha256, size = verify.hash_fd(fd)
+        if not _lease_intact(fd):
+            raise StageFailed(VERIFICATION_FAILED, f"a process tried to open the staged copy of {where} for "
+                              "writing while it was verified; not staged")
+        _unlease(fd)
+        check_bytes(check, sha256, size)
+        os.fsync(fd)  # the new owner and mode are durable too
+    except BaseException:
+        _try_unlease(fd)
+        if moved:
+            _unlink(staging_dirfd, staged)
+        raise
+    return Staged(sha256, size, "in place")
 
 
-def _parse_state(data: bytes) -> dict[str, StagedJob]:
-    body = json.loads(data.decode("utf-8"))
-    if not isinstance(body, dict) or body.get("v") != STATE_VERSION or not isinstance(body.get("jobs"), dict):
-        raise ValueError("not a version 1 state record")
-    jobs = {}
-    for job_id, item in body["jobs"].items():
-        if not JOB_ID_RE.match(job_id) or not isinstance(item, dict) or set(item) != {
-                "version", "sha256", "size", "installed"}:
-            raise ValueError(f"bad entry {job_id!r}")
-        job = StagedJob(**item)
-        if (not isinstance(job.version, str) or not isinstance(job.sha256, str) or not SHA256_RE.match(job.sha256)
-                or type(job.size) is not int or job.size < 0 or type(job.installed) is not bool):
-            raise ValueError(f"bad entry {job_id!r}")
-        jobs[job_id] = job
-    return jobs
+def _copy(fd: int, size: int, staging_dirfd: int, staged: str, where: str, check: Check,
+          cancelled: Callable[[], bool]) -> Staged:
+    vfs = os.fstatvfs(staging_dirfd)
+    free = vfs.f_bavail * vfs.f_frsize
+    if size + SPACE_MARGIN > free:
+        raise StageFailed(NO_SPACE, f"staging a copy of {where} needs {size + SPACE_MARGIN} bytes, the staging "
+                          f"directory has {free} bytes free")
+    temp = COPY_TEMP_PREFIX + secrets.token_hex(8)
+    out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                  dir_fd=staging_dirfd)
+    done = False
+    try:
+        digest = hashlib.sha256()
+        buffer = bytearray(CHUNK)
+        view = memoryview(buffer)
+        copied = 0
+        limit = check.max_size if check.release.size is None else check.release.size
+        while True:
+            if cancelled():
+                raise Cancelled()
+            n = os.readv(fd, [buffer])
+            if n <= 0:
+                break
+            copied += n
+            if copied > limit:
+                _check_size(check, copied, where)  # raises: it grew past what is allowed
+            chunk = view[:n]
+            digest.update(chunk)  # the hash of exactly the bytes written
+            while chunk:
+                chunk = chunk[os.write(out, chunk):]
+        check_bytes(check, digest.hexdigest(), copied)
+        os.fchmod(out, 0o400)
+        os.fsync(out)
+        os.rename(temp, staged, src_dir_fd=staging_dirfd, dst_dir_fd=staging_dirfd)
+        os.fsync(staging_dirfd)
+        done = True
+        return Staged(digest.hexdigest(), copied, "copied")
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StageFailed(NO_SPACE, f"the staging directory filled up while copying {where}") from None
+        raise
+    finally:
+        os.close(out)
+        if not done:
+            _unlink(staging_dirfd, temp)
 
 
-def _copy(source: int, target: int, size: int) -> None:
-    """Copy at most ``size`` bytes (what fstat said); a source still growing is refused."""
-    copied = 0
-    while True:
-        chunk = os.read(source, COPY_CHUNK)
-        if not chunk:
-            return
-        copied += len(chunk)
-        if copied > size:
-            raise StageFailed("verification_failed", "the file grew while it was being copied")
-        view = memoryview(chunk)
-        while view:
-            written = os.write(target, view)
-            view = view[written:]
+def reverify(staging_dirfd: int, staged: str, check: Check, cancelled: Callable[[], bool]) -> Staged:
+    """Hash the staged file again (after an installer restart). On failure it is deleted."""
+    try:
+        fd = os.open(staged, OPEN_FLAGS, dir_fd=staging_dirfd)
+    except FileNotFoundError:
+        raise StageFailed(FILE_MISSING, "the staged file is gone; stage it again") from None
+    except OSError as exc:
+        _unlink(staging_dirfd, staged)
+        raise StageFailed(VERIFICATION_FAILED, f"the staged file cannot be opened ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+            raise StageFailed(VERIFICATION_FAILED, "the staged file is not a regular file of root with one link")
+        if cancelled():
+            raise Cancelled()
+        sha256, size = verify.hash_fd(fd)
+        check_bytes(check, sha256, size)
+    except StageFailed:
+        _unlink(staging_dirfd, staged)
+        raise
+    finally:
+        os.close(fd)
+    return Staged(sha256, size, "re-verified")
+
+
+def quick_check(staging_dirfd: int, staged: str, size: int | None) -> None:
+    """The staged file is still root's read-only regular file of the verified size."""
+    try:
+        st = os.stat(staged, dir_fd=staging_dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise StageFailed(FILE_MISSING, "the staged file is gone; stage it again") from None
+    if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid()
+            or stat.S_IMODE(st.st_mode) != 0o400 or st.st_size != size):
+        raise StageFailed(VERIFICATION_FAILED, "the staged file changed since it was verified")
+
+
+def _try_unlease(fd: int) -> None:
+    try:
+        _unlease(fd)
+    except OSError:
+        pass
+
+
+def _exists(dirfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _unlink(dirfd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dirfd)
+    except FileNotFoundError:
+        pass
+
+
+def delete_staged(staging_dirfd: int, job_id: str, execution: int) -> None:
+    _unlink(staging_dirfd, handoff.staged_name(job_id, execution))
+
+
+def remove_strays(staging_dirfd: int, keep: set[str]) -> list[str]:
+    """Delete every file in the staging directory but the state file and
+    ``keep`` (the open job's staged file); returns what was removed."""
+    removed = []
+    for name in os.listdir(staging_dirfd):
+        if name == STATE_FILE or name in keep:
+            continue
+        try:
+            st = os.stat(name, dir_fd=staging_dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            log.warning("left the directory %r in the staging directory alone", name)
+            continue
+        _unlink(staging_dirfd, name)
+        removed.append(name)
+    return removed
+
+
+def staged_files(staging_dirfd: int) -> list[str]:
+    """Names in the staging directory other than the state file and its temporaries."""
+    return sorted(n for n in os.listdir(staging_dirfd) if n != STATE_FILE and not n.startswith(STATE_TEMP_PREFIX))
