@@ -97,7 +97,9 @@ class Peer:
     def __init__(self, user: str, socket_path: Path):
         ids = identities()
         uid, gid = (ids.broker_uid, ids.broker_gid) if user == "broker" else (ids.fetcher_uid, ids.fetcher_gid)
-        self.popen = subprocess.Popen([child_interpreter(), str(HOSTILE_PEER), str(socket_path)],
+        # The source goes on the command line: the unprivileged user may not be
+        # able to read this checkout (CI clones as root), only the interpreter.
+        self.popen = subprocess.Popen([child_interpreter(), "-c", HOSTILE_PEER.read_text(), str(socket_path)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
                                       user=uid, group=gid, extra_groups=[])
         self.pid = self.popen.pid
