@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from upparat.devtools.faultproxy import FaultProxy
 from upparat.devtools.fileserver import FileServer
 from upparat.devtools.jobs_emulator import JobsEmulator
 
@@ -128,7 +129,9 @@ exit 0
 class Sandbox:
     def __init__(self, base: Path, hooks: dict[str, str | None] | None = None, config_extra: str = "",
                  public_keys: list[Path] | None = None, job_prefix: str = "", seed_style: bool = False,
-                 signing: bool = True, allow_unsigned: bool = False, mqtt_tls: bool = False):
+                 signing: bool = True, allow_unsigned: bool = False, mqtt_tls: bool = False,
+                 network_faults: bool = False, hook_settings: dict[str, object] | None = None,
+                 service_extra: str = ""):
         self.base = Path(base)
         self.hook_bodies = dict(HOOK_SCRIPTS)
         if hooks:
@@ -164,6 +167,16 @@ class Sandbox:
         self.files: FileServer | None = None
         self.emulator: JobsEmulator | None = None
         self.mqtt_port = 0
+        # network_faults: the device reaches Mosquitto and the file server through a
+        # FaultProxy each (mqtt_proxy, http_proxy); the emulator and tests reach them directly.
+        self.network_faults = network_faults
+        self.mqtt_proxy: FaultProxy | None = None
+        self.http_proxy: FaultProxy | None = None
+        # [hooks] bounds (retry_interval, max_retries, timeout, version_confirm_window) and
+        # extra [service] lines, e.g. short ones for the reliability runs.
+        self.hook_settings = {"retry_interval": 1, "max_retries": 3, "timeout": 60, "version_confirm_window": 10,
+                              **(hook_settings or {})}
+        self.service_extra = service_extra
 
     # -- layout -------------------------------------------------------------
     def path(self, *parts) -> Path:
@@ -195,28 +208,33 @@ class Sandbox:
         verification = "".join(line + "\n" for line in (
             f"public_keys = {keys}" if keys else "", "allow_unsigned = true" if self.allow_unsigned else "") if line)
         verification = f"[verification]\n{verification}" if verification else ""
+        service_extra = self.service_extra.strip() + "\n" if self.service_extra.strip() else ""
+        bounds = "".join(f"{key} = {value}\n" for key, value in self.hook_settings.items())
         text = f"""[service]
 log_level = DEBUG
-{locations}{f"job_prefix = {self.job_prefix}" if self.job_prefix else ""}
+{locations}{service_extra}{f"job_prefix = {self.job_prefix}" if self.job_prefix else ""}
 
 [broker]
 host = 127.0.0.1
-port = {(self.tls_port if self.mqtt_tls else self.mqtt_port) or 1883}
+port = {self.device_mqtt_port or 1883}
 thing_name = {THING}
 client_id = upparat-{THING}
 {tls}
 [hooks]
 {hooks}
-retry_interval = 1
-max_retries = 3
-timeout = 60
-version_confirm_window = 10
-
+{bounds}
 {verification}
 {supervisor}{self.config_extra}
 """
         self.path("upparat.conf").write_text(text)
         return self.path("upparat.conf")
+
+    @property
+    def device_mqtt_port(self) -> int:
+        """The port the device connects to: Mosquitto's, its TLS listener's, or the proxy's."""
+        if self.mqtt_proxy is not None:
+            return self.mqtt_proxy.port
+        return self.tls_port if self.mqtt_tls else self.mqtt_port
 
     # -- lifecycle ----------------------------------------------------------
     def start(self, supervisor: bool = True) -> "Sandbox":
@@ -233,20 +251,46 @@ version_confirm_window = 10
                      f"cafile {material['ca']}\ncertfile {material['server_cert']}\n"
                      f"keyfile {material['server_key']}\nrequire_certificate true\n")
         conf.write_text(text + ("user root\n" if os.geteuid() == 0 else ""))
+        self._start_mosquitto()
+        self.files = FileServer(self.path("files"))
+        self.files.start()
+        presign = self.files.presign
+        if self.network_faults:
+            if self.mqtt_tls:
+                raise ValueError("network_faults proxies the plain MQTT listener only")
+            self.mqtt_proxy = FaultProxy(self.mqtt_port, name="mqtt-proxy").start()
+            self.http_proxy = FaultProxy(self.files.port, name="http-proxy").start()
+            direct, proxied = self.files.base_url, f"http://127.0.0.1:{self.http_proxy.port}"
+
+            def presign(s3_url: str) -> str:  # the signature covers the path only
+                return self.files.presign(s3_url).replace(direct, proxied, 1)
+        self.emulator = JobsEmulator(host="127.0.0.1", port=self.mqtt_port, presign=presign)
+        self.emulator.start()
+        self.write_config()
+        if supervisor:
+            self.start_supervisor()
+        return self
+
+    def _start_mosquitto(self) -> Child:
+        conf = self.path(f"mosquitto-{self.mqtt_port}.conf")
         self.mosquitto = Child([mosquitto_binary(), "-c", conf], self.path("logs", "mosquitto.log"))
         self.procs.append(self.mosquitto)
         wait_until(lambda: (port_open(self.mqtt_port) and (not self.mqtt_tls or port_open(self.tls_port)))
                    or not self.mosquitto.alive(), 10, "mosquitto to listen")
         if not self.mosquitto.alive():
             raise RuntimeError(f"mosquitto did not start:\n{self.mosquitto.log()}")
-        self.files = FileServer(self.path("files"))
-        self.files.start()
-        self.emulator = JobsEmulator(host="127.0.0.1", port=self.mqtt_port, presign=self.files.presign)
-        self.emulator.start()
-        self.write_config()
-        if supervisor:
-            self.start_supervisor()
-        return self
+        return self.mosquitto
+
+    def restart_mosquitto(self, down_for: float = 0.0, hard: bool = True) -> Child:
+        """Stop Mosquitto (SIGKILL when ``hard``, else SIGTERM), wait ``down_for`` s,
+        start it again on the same port. Nothing of its sessions survives (no persistence)."""
+        old = self.mosquitto
+        if hard and old.alive():
+            os.kill(old.pid, signal.SIGKILL)
+        old.stop()
+        self.procs.remove(old)
+        time.sleep(down_for)  # an outage of this length is the experiment, not a wait for a condition
+        return self._start_mosquitto()
 
     def start_supervisor(self) -> Child:
         argv = [sys.executable, "-m", "upparat.supervisor", "-c", self.path("upparat.conf"), "-v"]
@@ -259,6 +303,9 @@ version_confirm_window = 10
             self.supervisor.stop()
         if self.emulator is not None:
             self.emulator.stop()
+        for proxy in (self.mqtt_proxy, self.http_proxy):
+            if proxy is not None:
+                proxy.stop()
         if self.files is not None:
             self.files.stop()
         for proc in reversed(self.procs):
