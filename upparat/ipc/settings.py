@@ -180,6 +180,35 @@ class ChildSettings:
                 tls=dict(body["tls"]), public_keys_pem=tuple(body["public_keys_pem"]))
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"settings envelope is malformed ({exc})") from None
+        problem = _envelope_problem(settings)
+        if problem:
+            raise ValueError(f"settings envelope is malformed ({problem})")
         if settings.role not in ROLES:
             raise ValueError(f"unknown role {settings.role!r}")
         return settings
+
+
+def _envelope_problem(s: ChildSettings) -> str | None:
+    """The first field whose value is not of its declared type, or None."""
+    for name in ("role", "config_text", "config_path"):
+        if not isinstance(getattr(s, name), str):
+            return f"{name} is not a string"
+    if type(s.verbose) is not bool:
+        return "verbose is not true or false"
+    if s.thing_name is not None and not isinstance(s.thing_name, str):
+        return "thing_name is not a string"
+    ids = s.ids
+    if type(ids.separated) is not bool:
+        return "ids.separated is not true or false"
+    for name in ("broker_user", "fetcher_user"):
+        if not isinstance(getattr(ids, name), str):
+            return f"ids.{name} is not a string"
+    for name in ("broker_uid", "broker_gid", "fetcher_uid", "fetcher_gid"):
+        value = getattr(ids, name)
+        if type(value) is not int or value < 0:
+            return f"ids.{name} is not a user or group id"
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in s.tls.items()):
+        return "tls is not a map of strings"
+    if not all(isinstance(pem, str) for pem in s.public_keys_pem):
+        return "public_keys_pem is not a list of strings"
+    return None
