@@ -887,7 +887,17 @@ class Supervisor:
         now = self.clock()
         for child in self.children:
             if child.machine.tick(now) and self.exit_code is None:
+                self.restore_directories()
                 self.spawn(child)
+
+    def restore_directories(self) -> None:
+        """Before a restart: create again what was deleted while we ran (e.g. the
+        download directory); a child that finds its directory missing exits, and
+        without this it would be restarted into the same failure forever."""
+        try:
+            prepare_directories(self.settings.layout, self.settings.ids)
+        except config_mod.ConfigError as exc:
+            log.error("cannot restore the directories before a restart: %s", exc)
 
     def start_all(self) -> None:
         for child in self.children:
