@@ -152,7 +152,8 @@ class Trial:
     restart_runs: int = 0
     install_seen_ok: bool = True  # every file the install hook read had the published sha256
     installed_ok: bool | None = None  # the installed file is the published one (None: nothing installed)
-    recovery_s: float = 0.0
+    recovery_s: float = 0.0  # from the start of the fault to the final status
+    fault_s: float = 0.0  # how long injecting the fault took (an outage's length; a power loss's reboot)
     duration_s: float = 0.0
     leftover_files: list[str] = field(default_factory=list)
     leftover_processes: list[str] = field(default_factory=list)
@@ -357,6 +358,7 @@ class Run:
         self._reach_moment()
         fault_at = time.monotonic()
         self._inject()
+        t.fault_s = round(time.monotonic() - fault_at, 2)
         final = self._wait_final()
         t.recovery_s = round(time.monotonic() - fault_at, 2)
         t.status = final["status"]
@@ -628,7 +630,9 @@ def summary(results: list[Trial]) -> dict:
                             "outcomes": dict(collections.Counter(f"{t.status} {t.state}" for t in results
                                                                  if t.fault == fault)),
                             "recovery_median_s": round(statistics.median(times), 2) if times else None,
-                            "recovery_max_s": max(times) if times else None}
+                            "recovery_max_s": max(times) if times else None,
+                            "fault_median_s": round(statistics.median(t.fault_s for t in results
+                                                                      if t.fault == fault), 2)}
     return {
         "trials": len(results),
         "violations": sum(1 for t in results if t.violations),
