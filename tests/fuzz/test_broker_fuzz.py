@@ -39,7 +39,7 @@ from upparat.ipc import fetcher_protocol as fp
 from upparat.safejson import BadJson, loads
 
 EXAMPLES = int(os.environ.get("UPPARAT_FUZZ_EXAMPLES", "300"))
-pytestmark = pytest.mark.timeout(max(120, EXAMPLES // 20))
+pytestmark = pytest.mark.timeout(max(120, EXAMPLES // 10))
 COUNTS: dict[str, int] = {}
 LIVE = "job-1"
 BASE = f"$aws/things/{THING}/jobs"

@@ -44,7 +44,7 @@ from upparat.ipc import status as ipc_status
 from upparat.ipc import wire
 
 EXAMPLES = int(os.environ.get("UPPARAT_FUZZ_EXAMPLES", "300"))
-pytestmark = pytest.mark.timeout(max(120, EXAMPLES // 50))
+pytestmark = pytest.mark.timeout(max(120, EXAMPLES // 10))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 COUNTS: dict[str, dict[str, int]] = {}
 
