@@ -69,6 +69,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -169,9 +170,13 @@ def plan(seed: int, index: int) -> Trial:
     # moments likewise), so that even a short run covers every kind.
     fault = _shuffled(FAULTS, seed, "fault", index)
     moment = _shuffled(MOMENTS, seed, "moment", index)
+    # Staging (the installer takes the file over and hashes it again) lasts a few ms for
+    # a small file: trials aimed at it get a file of tens of MiB, so staging lasts long
+    # enough to be hit.
+    staging = moment == "staging"
     return Trial(index=index, seed=seed, fault=fault, moment=moment,
-                 size=rng.randint(64 * 1024, 512 * 1024),
-                 wait_s=round(rng.uniform(0.0, 0.35), 3),
+                 size=rng.randint(24 << 20, 48 << 20) if staging else rng.randint(64 * 1024, 512 * 1024),
+                 wait_s=round(rng.uniform(0.0, 0.03 if staging else 0.35), 3),
                  outage_s=round({"mqtt_blackhole": rng.uniform(1, 6), "http_stall": rng.uniform(3, 5),
                                  "http_down": rng.uniform(1, 4),
                                  "mosquitto_restart": rng.uniform(0, 2)}.get(fault, 0.0), 2),
@@ -384,7 +389,7 @@ class Run:
                 return runs(self.state_path("restart-runs"))[0] > 0
             return "restart -> confirm" in text  # confirm
 
-        wait_until(reached, MOMENT_TIMEOUT, f"the job to reach {t.moment}", interval=0.01)
+        wait_until(reached, MOMENT_TIMEOUT, f"the job to reach {t.moment}", interval=0.005)
         if t.wait_s:
             time.sleep(t.wait_s)  # the random moment within the phase is the experiment
         self.log.poll()
@@ -592,7 +597,8 @@ def check(t: Trial) -> None:
 
 def run_trials(trials: int, seed: int, only: list[int] | None = None, out: Path | None = None,
                workdir: Path | None = None, keep: bool = False, verbose: bool = False,
-               progress=print) -> list[Trial]:
+               progress=print, stop: threading.Event | None = None) -> list[Trial]:
+    """Run the trials one after the other; ``stop`` set ends the run after the current trial."""
     workdir = Path(workdir or tempfile.gettempdir())
     workdir.mkdir(parents=True, exist_ok=True)
     indexes = only if only else list(range(trials))
@@ -600,6 +606,8 @@ def run_trials(trials: int, seed: int, only: list[int] | None = None, out: Path 
     sink = open(out, "a") if out else None
     try:
         for index in indexes:
+            if stop is not None and stop.is_set():
+                break
             t = Run(plan(seed, index), workdir, keep=keep, verbose=verbose).run()
             results.append(t)
             if sink:
@@ -666,10 +674,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("upparat.devtools").setLevel(logging.ERROR)
     if args.trials < 1:
         parser.error("--trials must be at least 1")
+    # SIGTERM or SIGINT (also ignored SIGINT: a background job's) ends the run after the
+    # current trial, which stops everything it started.
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
     began = time.monotonic()
-    results = run_trials(args.trials, args.seed, args.only, args.out, args.workdir, args.keep, args.verbose)
+    results = run_trials(args.trials, args.seed, args.only, args.out, args.workdir, args.keep, args.verbose,
+                         stop=stop)
     figures = summary(results)
     figures["wall_s"] = round(time.monotonic() - began, 1)
+    if stop.is_set():
+        figures["stopped_early"] = True
     print("chaos figures: " + json.dumps(figures, indent=1))
     return 1 if figures["violations"] else 0
 
