@@ -451,7 +451,9 @@ class Agent:
             return
         execution = jobs_api.parse_execution(body)
         if execution is None or execution.job_id != job_id:
-            self.abandon("the job execution is gone")
+            # AWS answers a describe of this job with its execution (a gone one is rejected,
+            # ResourceNotFound): anything else is garbage, never a reason to stop the job.
+            log.warning("job %s: ignoring a describe answer without this job's execution", job_id)
             return
         if execution.state.status in jobs_api.TERMINAL:
             if job.phase is P.FINISH and job.final_rank is not None:
