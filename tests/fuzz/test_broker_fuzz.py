@@ -133,7 +133,7 @@ def render(world: World, msg) -> tuple[str, bytes, bool]:
     base = BASE if thing == "ours" else "$aws/things/other-thing/jobs"
     topic = f"{base}/{suffix.format(job=name)}"
     try:
-        parsed = loads(data, max_bytes=1 << 20)
+        parsed = loads(data, max_bytes=1 << 20) if data else {}  # the broker reads an empty payload as {}
     except BadJson:
         parsed = None
     about_live = isinstance(parsed, dict) and thing == "ours" and (LIVE in topic or LIVE in data.decode("utf-8", "replace")
