@@ -35,7 +35,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from upparat import release as rel
-from upparat import safejson
 from upparat.broker_proc import jobs_api
 from upparat.ipc import fetcher_protocol as fp
 from upparat.ipc import installer_protocol as ip

@@ -542,7 +542,8 @@ class Run:
 
     def _stop(self) -> None:
         """Stop everything this trial started, by PID; whatever outlives that is recorded and killed."""
-        self.note_pids() if self.box.supervisor is not None else None
+        if self.box.supervisor is not None:
+            self.note_pids()
         try:
             self.box.stop()
         except Exception as exc:  # noqa: BLE001
@@ -630,7 +631,7 @@ def run_trials(trials: int, seed: int, only: list[int] | None = None, out: Path 
                 mark = "ok " if not t.violations else "BAD"
                 progress(f"[{mark}] trial {t.index:4d} {t.fault:17s} at {t.moment:8s} (phase {t.phase_at_fault or '-':13s})"
                          f" -> {t.status} {t.state}, install x{t.install_runs}, recovered in {t.recovery_s:.1f} s"
-                         + ("" if not t.violations else f"\n      " + "\n      ".join(t.violations)))
+                         + ("" if not t.violations else "\n      " + "\n      ".join(t.violations)))
     finally:
         if sink:
             sink.close()

@@ -262,8 +262,10 @@ client_id = upparat-{THING}
             self.http_proxy = FaultProxy(self.files.port, name="http-proxy").start()
             direct, proxied = self.files.base_url, f"http://127.0.0.1:{self.http_proxy.port}"
 
-            def presign(s3_url: str) -> str:  # the signature covers the path only
+            def presign_via_proxy(s3_url: str) -> str:  # the signature covers the path only
                 return self.files.presign(s3_url).replace(direct, proxied, 1)
+
+            presign = presign_via_proxy
         self.emulator = JobsEmulator(host="127.0.0.1", port=self.mqtt_port, presign=presign)
         self.emulator.start()
         self.write_config()
