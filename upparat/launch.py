@@ -328,7 +328,7 @@ def standalone_settings(name: str, config_path: str, verbose: bool, thing_name: 
                 tls[key] = Path(creds, key).read_text()
             elif getattr(cfg.broker, key):
                 tls[key] = Path(getattr(cfg.broker, key)).read_text()
-    if name in ("fetcher", "installer"):
+    if name == "installer":  # only the installer checks signatures
         keys = tuple(p.read_text() for p in cfg.verification.public_keys)
     return ChildSettings(role=name, config_text=text, config_path=config_path, verbose=verbose,
                          thing_name=thing_name, layout=layout, ids=ids, tls=tls, public_keys_pem=keys)

@@ -101,7 +101,7 @@ class ChildSpec:
 #         name         module                    runs as        receives
 CHILDREN = (
     ChildSpec("installer", "upparat.installer_proc", ROOT, (PUBLIC_KEYS,)),
-    ChildSpec("fetcher", "upparat.fetcher_proc", FETCHER_USER, (PUBLIC_KEYS,)),
+    ChildSpec("fetcher", "upparat.fetcher_proc", FETCHER_USER, ()),
     ChildSpec("broker", "upparat.broker_proc", BROKER_USER, (TLS, PROBLEMS)),
 )
 

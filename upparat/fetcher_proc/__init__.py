@@ -8,8 +8,10 @@ the directory belongs to this user with the broker's group and setgid, and
 the socket is made 0660, so the broker's group, and nobody else but root,
 can connect. Details for operators: docs/downloads.md.
 
-Trusts: the settings envelope from the supervisor (configuration, layout,
-public keys). Nothing else.
+Trusts: the settings envelope from the supervisor (configuration, layout).
+Nothing else. It holds no release keys: the installer checks a release's
+signature with its own keys when the job is opened, before the broker asks
+for the download; the fetcher checks the bytes against its sha256 and size.
 
 Accepts: only the requests of upparat.ipc.fetcher_protocol (ping, fetch,
 query_fetch, cancel_fetch), each decoded and checked field by field by
@@ -28,8 +30,8 @@ Promises:
   status; it resumes after ``download_failed``, ``url_expired`` or a cancel,
   and after any failure when a new URL is given for the same release. A new
   URL for a running download is used from its next attempt.
-- Writes only ``handoff.part_name`` while downloading and, once size, sha256
-  and (with keys) the signature are checked, fsyncs it, closes its
+- Writes only ``handoff.part_name`` while downloading and, once size and
+  sha256 are checked, fsyncs it, closes its
   descriptor and renames it to ``handoff.final_name`` in ``<download_dir>``
   (mode 0600), and only then reports ``done``. Writes resume records only in
   ``<state_location>/fetcher``. Paths never cross the socket.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import zmq
 
-from upparat import codes, launch, signature, verify
+from upparat import codes, launch, verify
 from upparat.ipc import fetcher_protocol as fp, wire
 
 from .download import Limits
@@ -45,9 +45,6 @@ def open_to_broker_group(path: str) -> None:
     os.chmod(path, 0o660)
 
 
-def load_keys(pems: tuple[str, ...]) -> list:
-    # cryptography is imported only when keys are configured.
-    return signature.load_public_keys(list(pems)) if pems else []
 
 
 class Wakeup:
@@ -79,11 +76,6 @@ def main() -> int:
     # urllib3's DEBUG lines carry whole URLs, and a presigned URL's query is a credential.
     logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLogger().level))
     layout = ctx.layout
-    try:
-        keys = load_keys(ctx.public_keys_pem)
-    except signature.UnusableKey as exc:
-        log.error("[verification] public_keys: %s; fix: list Ed25519 or ECDSA P-256 PEM files", exc)
-        return codes.EXIT_USAGE
     for path in (layout.fetcher_socket.parent, layout.download_dir, layout.fetcher_state_dir):
         problem = dir_problem(path)
         if problem:
@@ -99,7 +91,7 @@ def main() -> int:
         log.warning("[service] download_rate_limit (%d bytes/s) is below low_speed_limit (%d bytes/s): every "
                     "download will be taken for stalled; lower low_speed_limit", limits.rate_limit,
                     limits.low_speed_limit)
-    fetcher = Fetcher(layout.download_dir, layout.fetcher_state_dir, keys, policy, limits, notify=wakeup,
+    fetcher = Fetcher(layout.download_dir, layout.fetcher_state_dir, policy, limits, notify=wakeup,
                       staging_dir=layout.staging_dir)
     zctx = zmq.Context()
     server = wire.Server(zctx, layout.fetcher_socket, fp.REQUESTS, fetcher.handle, "fetcher",
