@@ -17,7 +17,6 @@ exits with EXIT_UNSAFE.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import select
@@ -147,6 +146,8 @@ class ChildContext:
 
 
 def _prctl(option: int, value: int, what: str) -> None:
+    import ctypes  # here: the supervisor imports this module and never calls prctl
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(option, value, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), f"prctl({what}) failed")

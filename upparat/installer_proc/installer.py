@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from upparat import verify
+from upparat import signature, verify
 from upparat.config import HooksConfig
 from upparat.ipc import handoff
 from upparat.ipc import installer_protocol as ip
@@ -48,7 +48,7 @@ class Settings:
     staging_dir: Path
     download_dir: Path
     fetcher_uid: int | None  # owner a downloaded file must have (None: development run, one user)
-    keys: list
+    keys: signature.LazyKeys  # loaded at the first verification
     policy: verify.Policy
     max_file_size: int
     as_root: bool
