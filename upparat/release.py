@@ -1,5 +1,5 @@
 """The one vocabulary every process shares: ids, limits, hook names, and the
-release an update job describes (DESIGN contract: job document and signature
+release an update job describes (docs/contracts.md: job document and signature
 statement; explained in docs/contracts.md).
 
 A ``Release`` is what the job document promises about the file and what the

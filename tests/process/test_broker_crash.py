@@ -1,5 +1,4 @@
-"""Crash consistency of the job lifecycle with the real processes (DESIGN
-promise 8): broker_proc is SIGKILLed in each phase of a job, the supervisor
+"""Crash consistency of the job lifecycle with the real processes (promise 8, docs/contracts.md): broker_proc is SIGKILLed in each phase of a job, the supervisor
 starts a new one, and the job still ends SUCCEEDED with the install hook run
 exactly once. Hooks can hold a phase open until the test lets them go (a
 "gate" file), so each kill lands where it is meant to."""

@@ -490,7 +490,7 @@ def test_a_cancel_after_a_restart_deletes_what_the_earlier_run_left(running):
     assert r.downloads == [] and r.records == []
 
 
-# -- bad HTTP answers (DESIGN promise 7) ----------------------------------------------------------------------------
+# -- bad HTTP answers (promise 7, docs/contracts.md) ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("plan, size, state, failure", [
     ([Faults(truncate_after=MiB)], len(DATA), fp.DONE, None),  # truncated: resumed

@@ -35,7 +35,7 @@ Promises:
   descriptor and renames it to ``handoff.final_name`` in ``<download_dir>``
   (mode 0600), and only then reports ``done``. Writes resume records only in
   ``<state_location>/fetcher``. Paths never cross the socket.
-- DESIGN promise 7: a 200 answer to a range request restarts from zero; a 206
+- promise 7, docs/contracts.md: a 200 answer to a range request restarts from zero; a 206
   is used only when its Content-Range continues exactly where the partial
   file ends; If-Range with the object's ETag, so a changed object restarts
   from zero; a truncated body is resumed; a 416 is complete only when size

@@ -1,6 +1,6 @@
 """The installer's record, in root-only state: what was opened, staged, run
 and finished, so that after a crash or a power loss broker and installer
-agree on what was already done (DESIGN.md promise 8).
+agree on what was already done (promise 8, docs/contracts.md).
 
 ``<staging_dir>/state.json`` holds at most one open job execution (its
 verified ``Release``, phase, failure, the latest hook run and, while a hook

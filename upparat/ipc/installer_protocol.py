@@ -59,7 +59,7 @@ DISCARDED = "discarded"  # stopped, files deleted; remembered so late requests a
 PHASES = (NONE, OPENED, STAGING, STAGED, INSTALLING, INSTALL_INTERRUPTED, INSTALLED, RESTARTING, RESTARTED,
           FAILED, DISCARDED)
 
-# Job-status failure states (DESIGN contract, job status) the installer may report.
+# Job-status failure states (docs/contracts.md, Job status) the installer may report.
 FAILURES = ("invalid_job_document", "verification_failed", "rollback_refused", "insufficient_disk_space",
             "file_too_large", "file_missing", "version_hook_failed", "download_hook_failed",
             "installation_hook_failed", "restart_hook_failed", "ready_hook_failed")
