@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import errno
 import logging
 import os
 import pwd

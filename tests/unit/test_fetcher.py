@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from upparat import signature, verify
+from upparat import verify
 from upparat.devtools.fileserver import Faults, FileServer
 from upparat.fetcher_proc import download as download_mod, resume
 from upparat.fetcher_proc.download import Limits, clean_message

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import stat
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import zmq
 
 from upparat import codes, launch, verify
+from upparat.wakeup import Wakeup
 from upparat.ipc import fetcher_protocol as fp, wire
 
 from .download import Limits
@@ -47,30 +47,6 @@ def open_to_broker_group(path: str) -> None:
 
 
 
-class Wakeup:
-    """A pipe the download thread (and signals) write to, to wake the poll."""
-
-    def __init__(self):
-        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def __call__(self) -> None:
-        try:
-            os.write(self.write_fd, b"\0")
-        except BlockingIOError:
-            pass  # already pending
-
-    def drain(self) -> None:
-        try:
-            while os.read(self.read_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        os.close(self.read_fd)
-        os.close(self.write_fd)
-
-
 def main() -> int:
     ctx = launch.start_child("fetcher", unprivileged=True)
     # urllib3's DEBUG lines carry whole URLs, and a presigned URL's query is a credential.
@@ -96,7 +72,7 @@ def main() -> int:
     zctx = zmq.Context()
     server = wire.Server(zctx, layout.fetcher_socket, fp.REQUESTS, fetcher.handle, "fetcher",
                          on_bound=open_to_broker_group)
-    old_wakeup = signal.set_wakeup_fd(wakeup.write_fd)  # SIGTERM ends the poll at once
+    wakeup.catch_signals()  # SIGTERM ends the poll at once
     try:
         server.bind()
         log.info("listening on %s; downloads go to %s", server.endpoint, layout.download_dir)
@@ -105,7 +81,6 @@ def main() -> int:
         log.error("socket error: %s", exc)
         return codes.EXIT_FAILURE
     finally:
-        signal.set_wakeup_fd(old_wakeup)
         fetcher.shutdown()
         server.close()
         zctx.term()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import sys
 
 import zmq
 
 from upparat import codes, launch, signature, trust, verify
+from upparat.wakeup import Wakeup
 from upparat.ipc import installer_protocol, wire
 from upparat.ipc.settings import Identities, Layout
 from upparat.release import HOOK_NAMES
@@ -143,32 +143,7 @@ def build(ctx: launch.ChildContext, wake) -> tuple[Installer, int]:
     return installer, staging_dirfd
 
 
-class Waker:
-    """A pipe the threads (and signal handlers) write to, so that the main
-    loop wakes at once instead of at its next timeout."""
-
-    def __init__(self):
-        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def wake(self) -> None:
-        try:
-            os.write(self.write_fd, b"w")
-        except BlockingIOError:
-            pass  # already full: the loop will wake anyway
-
-    def drain(self) -> None:
-        try:
-            while os.read(self.read_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        os.close(self.read_fd)
-        os.close(self.write_fd)
-
-
-def serve(ctx: launch.ChildContext, installer: Installer, server: wire.Server, waker: Waker) -> None:
+def serve(ctx: launch.ChildContext, installer: Installer, server: wire.Server, waker: Wakeup) -> None:
     """The main loop: requests, thread outcomes, memory guard, heartbeat."""
     installer.push = lambda message: server.push(server.last_peer, message)
     while not ctx.stop.is_set():
@@ -192,10 +167,10 @@ def serve(ctx: launch.ChildContext, installer: Installer, server: wire.Server, w
 def main() -> int:
     ctx = launch.start_child("installer", unprivileged=False)
     staging.ignore_lease_breaks()  # before any lease: a lease break must not kill root
-    waker = Waker()
-    signal.set_wakeup_fd(waker.write_fd, warn_on_full_buffer=False)  # SIGTERM wakes the loop at once
+    waker = Wakeup()
+    waker.catch_signals()  # SIGTERM wakes the loop at once
     try:
-        installer, staging_dirfd = build(ctx, waker.wake)
+        installer, staging_dirfd = build(ctx, waker)
     except StartError as exc:
         log.error("cannot start: %s", exc)
         return exc.code
