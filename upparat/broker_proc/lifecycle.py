@@ -109,6 +109,7 @@ RESUME = {
     ip.INSTALL_INTERRUPTED: P.INSTALL,
     ip.INSTALLED: P.REBOOT_REPORT,
     ip.RESTARTING: P.RESTART,
+    ip.RESTART_INTERRUPTED: P.RESTART,
     ip.RESTARTED: P.CONFIRM,
 }
 
@@ -596,10 +597,12 @@ class Agent:
     def _installer_in_hook(self, state: ip.JobState) -> None:
         job = self.job
         hook = HOOK_OF[job.phase]
-        # The installer restarted while the hook ran: install runs again, restart counts as done.
-        if job.phase is P.INSTALL and state.phase == ip.INSTALL_INTERRUPTED:
-            log.warning("job %s: the install hook was interrupted (installer restart or power loss); "
-                        "running it again", job.job_id)
+        # The installer died while the hook ran (same boot): it runs again. A reboot or an
+        # orderly stop of the installer during the restart hook counts as the restart.
+        interrupted = {P.INSTALL: ip.INSTALL_INTERRUPTED, P.RESTART: ip.RESTART_INTERRUPTED}.get(job.phase)
+        if state.phase == interrupted:
+            log.warning("job %s: the %s hook was interrupted (the installer died); running it again",
+                        job.job_id, HOOK_OF[job.phase])
             return self._run_hook()
         if job.phase is P.RESTART and state.phase == ip.RESTARTED:
             return self.hook_done("restart", "")

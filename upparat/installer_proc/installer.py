@@ -401,8 +401,23 @@ class Installer:
             self.push(self.job_state(0, job.job_id, job.execution))
 
     def stop(self) -> None:
-        """Installer shutdown: stop what runs (a hook's whole group), record nothing."""
+        """Installer shutdown: stop what runs (a hook's whole group).
+
+        An orderly stop while the restart hook runs is what a restart hook
+        that restarts this service (or reboots) causes: it counts as the
+        restart, recorded now, so that it is not run again. A crash leaves
+        ``restarting`` behind, which ``recover`` turns into restart_interrupted.
+        """
         self.stopping = True
+        job = self.state.job
+        if job is not None and job.phase == ip.RESTARTING:
+            def restarted(state: State) -> None:
+                job.phase = ip.RESTARTED
+                job.message = "the installer was stopped while the restart hook ran: counted as restarted"
+            try:
+                self._change(restarted)
+            except Refusal:
+                pass  # not recorded: recover decides after the next start
         worker = self.worker
         if worker is not None:
             worker.stop("the installer is stopping")
