@@ -151,7 +151,6 @@ def start_child_process(role: str, config_text: str, layout, ids, log_path: Path
     """``python -m upparat.<role>_proc --from-supervisor`` with its settings
     envelope on stdin, dropped to its user as the supervisor does (as root).
     Creates the directories first, with the supervisor's own function."""
-    import subprocess
 
     from upparat.ipc.settings import ChildSettings
     from upparat.supervisor import child_interpreter, prepare_directories

@@ -17,7 +17,6 @@ exits with EXIT_UNSAFE.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import select
@@ -147,6 +146,8 @@ class ChildContext:
 
 
 def _prctl(option: int, value: int, what: str) -> None:
+    import ctypes  # here: the supervisor imports this module and never calls prctl
+
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(option, value, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), f"prctl({what}) failed")
@@ -328,7 +329,7 @@ def standalone_settings(name: str, config_path: str, verbose: bool, thing_name: 
                 tls[key] = Path(creds, key).read_text()
             elif getattr(cfg.broker, key):
                 tls[key] = Path(getattr(cfg.broker, key)).read_text()
-    if name in ("fetcher", "installer"):
+    if name == "installer":  # only the installer checks signatures
         keys = tuple(p.read_text() for p in cfg.verification.public_keys)
     return ChildSettings(role=name, config_text=text, config_path=config_path, verbose=verbose,
                          thing_name=thing_name, layout=layout, ids=ids, tls=tls, public_keys_pem=keys)

@@ -1,5 +1,5 @@
 """The one vocabulary every process shares: ids, limits, hook names, and the
-release an update job describes (DESIGN contract: job document and signature
+release an update job describes (docs/contracts.md: job document and signature
 statement; explained in docs/contracts.md).
 
 A ``Release`` is what the job document promises about the file and what the
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 from dataclasses import dataclass
 
@@ -120,6 +119,8 @@ class Release:
             raise ValueError("a statement needs sha256 and size")
         if self.problem():
             raise ValueError(self.problem())
+        import hashlib  # here: most processes that know releases never sign or verify one
+
         meta_sha256 = hashlib.sha256(self.meta.encode("utf-8")).hexdigest()
         lines = [
             STATEMENT_HEADER,

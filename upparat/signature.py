@@ -42,6 +42,27 @@ def load_public_keys(pems: list[str]) -> list:
     return [load_public_key(pem.encode("utf-8")) for pem in pems]
 
 
+class LazyKeys:
+    """Release keys from PEM text, loaded — and ``cryptography`` imported — at
+    their first use, not when the process starts. Behaves like the list of
+    keys for ``verifies`` and the verification policy."""
+
+    def __init__(self, pems):
+        self._pems = tuple(pems)
+        self._keys: list | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._pems)
+
+    def __len__(self) -> int:
+        return len(self._pems)
+
+    def __iter__(self):
+        if self._keys is None:
+            self._keys = load_public_keys(list(self._pems))
+        return iter(self._keys)
+
+
 def verifies(keys: list, release: Release) -> bool:
     """True when any one of ``keys`` verifies the release's signature (key rotation)."""
     if release.signature is None or not keys:

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import errno
 import logging
 import os
 import pwd
@@ -58,7 +57,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -101,7 +99,7 @@ class ChildSpec:
 #         name         module                    runs as        receives
 CHILDREN = (
     ChildSpec("installer", "upparat.installer_proc", ROOT, (PUBLIC_KEYS,)),
-    ChildSpec("fetcher", "upparat.fetcher_proc", FETCHER_USER, (PUBLIC_KEYS,)),
+    ChildSpec("fetcher", "upparat.fetcher_proc", FETCHER_USER, ()),
     ChildSpec("broker", "upparat.broker_proc", BROKER_USER, (TLS, PROBLEMS)),
 )
 
@@ -127,6 +125,19 @@ CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 # -- identity, files, directories (run once per (re)load, before any child) --
+
+
+def system_temp_dir() -> str:
+    """Where ``tempfile.gettempdir()`` would look, without importing tempfile
+    (it loads shutil, bz2 and lzma into a process that lives for months)."""
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        value = os.environ.get(name)
+        if value and os.path.isabs(value) and os.path.isdir(value):
+            return os.path.normpath(value)
+    for candidate in ("/tmp", "/var/tmp", "/usr/tmp"):
+        if os.path.isdir(candidate):
+            return candidate
+    return "/tmp"
 
 
 def current_identities(cfg: config_mod.Config) -> Identities:
@@ -363,7 +374,7 @@ def load_settings(path: str, thing_name: str | None, tmpdir: str | None = None) 
     ids = current_identities(cfg)
     if ids.separated:
         check_config_owner(path)
-    layout = resolve_layout(cfg, tmpdir or tempfile.gettempdir())  # the one place the temp dir is looked up
+    layout = resolve_layout(cfg, tmpdir or system_temp_dir())  # the one place the temp dir is looked up
     files = read_root_files(cfg)
     prepare_directories(layout, ids)
     return Settings(cfg, text, path, layout, ids, files)

@@ -1,13 +1,17 @@
-"""What may be installed: the verification policy shared by the fetcher (the
-first check, while it downloads) and the installer (the check that counts,
-with its own keys, on its own read of the bytes).
+"""What may be installed: the verification policy of the installer (the
+check that counts, with its own keys, on its own read of the bytes) and of the
+fetcher (the first check of the bytes, while it downloads).
 
-Two questions, asked separately:
-- ``release_failure``: may this release be installed at all? Its signed
-  statement must verify with a configured key, unless the configuration opts
-  in to unsigned updates (``[verification] allow_unsigned``); a document that
+Three questions, asked separately:
+- ``release_failure`` (installer, when a job is opened, before anything is
+  downloaded): may this release be installed at all? Its signed statement
+  must verify with a configured key, unless the configuration opts in to
+  unsigned updates (``[verification] allow_unsigned``); a document that
   carries a signature must verify in any case.
-- ``bytes_failure``: are these the bytes the release promises (size, sha256)?
+- ``document_failure`` (fetcher): can the bytes be checked (sha256 present
+  when it is required)? The fetcher holds no keys: the signature is the
+  installer's to check, and it is checked before the download starts.
+- ``bytes_failure`` (both): are these the bytes the release promises?
 """
 
 from __future__ import annotations
@@ -42,14 +46,23 @@ class Failure:
     message: str
 
 
-def release_failure(release: Release, keys: list, policy: Policy) -> Failure | None:
-    """None when the release may be installed (by its statement); else why not."""
+def document_failure(release: Release, policy: Policy) -> Failure | None:
+    """None when the release's bytes can be checked (the fetcher's question); else why not."""
     problem = release.problem()
     if problem:
         return Failure(INVALID_JOB_DOCUMENT, problem)
     if release.sha256 is None and policy.require_sha256:
         return Failure(INVALID_JOB_DOCUMENT, "the job document has no sha256 and [verification] require_sha256 "
                                              "is on (it can only be turned off with allow_unsigned = true)")
+    return None
+
+
+def release_failure(release: Release, keys: list, policy: Policy) -> Failure | None:
+    """None when the release may be installed (by its statement); else why not.
+    The installer's question, with its own keys."""
+    failure = document_failure(release, policy)
+    if failure is not None:
+        return failure
     if release.signature is not None:
         if not keys:
             return Failure(VERIFICATION_FAILED, "the job is signed but this device has no [verification] "

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from upparat.installer_proc import __main__ as installer_main
+from upparat.wakeup import Wakeup
 from upparat.installer_proc import allow
 from upparat.ipc import handoff
 from upparat.ipc import installer_protocol as ip
@@ -60,8 +61,8 @@ class Loop:
         self.rig = Rig(base, hooks=hooks, allow_unsigned=True)
         self.installer = self.rig.installer
         self.context = zmq.Context()
-        self.waker = installer_main.Waker()
-        self.installer._wake = self.waker.wake
+        self.waker = Wakeup()
+        self.installer._wake = self.waker
         # The memory guard watches this whole test process (hypothesis included), so
         # it is set out of reach here; tests/process proves it on the real process.
         self.server = wire.Server(self.context, self.rig.layout.installer_socket, ip.REQUESTS,

@@ -195,24 +195,23 @@ def test_fetches_verifies_renames_and_pushes_done(running):
         assert "cryptography" not in fh.read()
 
 
-def test_with_keys_a_signed_release_is_fetched_and_an_unsigned_one_refused_before_a_request(rig):
+def test_with_keys_configured_the_fetcher_holds_none_and_never_loads_cryptography(rig):
+    """Signatures are the installer's to check (when the job is opened, before
+    the download); the fetcher checks the bytes against the release's sha256."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from upparat import signature
-
-    private = ed25519.Ed25519PrivateKey.generate()
-    pem = private.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    pem = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
     rig.start(public_keys_pem=(pem,))
     broker = rig.brokers[0]
-    unsigned = rig.fetch(broker)
-    assert (unsigned.state, unsigned.failure) == (fp.FAILED, "verification_failed")
-    assert rig.fs.requests == []
-    release = Release(version="1.0", sha256=SHA, size=len(DATA))
-    signed = Release(version="1.0", sha256=SHA, size=len(DATA), signature=signature.sign(private, release))
-    broker.ask(fp.Fetch(seq=broker.next_seq(), job_id="job-2", execution=1, url=rig.url(), release=signed))
-    assert broker.wait_end("job-2", 1).state == fp.DONE
+    rig.fetch(broker)
+    assert broker.wait_end("job-1", 1).state == fp.DONE
+    with open(f"/proc/{rig.proc.pid}/maps") as fh:
+        assert "cryptography" not in fh.read()
+    wrong = Release(version="1.0", sha256="0" * 64, size=len(DATA))
+    broker.ask(fp.Fetch(seq=broker.next_seq(), job_id="job-2", execution=1, url=rig.url(), release=wrong))
+    assert broker.wait_end("job-2", 1).failure == "verification_failed"
 
 
 def test_the_socket_is_open_to_the_broker_group_only(running):
@@ -491,7 +490,7 @@ def test_a_cancel_after_a_restart_deletes_what_the_earlier_run_left(running):
     assert r.downloads == [] and r.records == []
 
 
-# -- bad HTTP answers (DESIGN promise 7) ----------------------------------------------------------------------------
+# -- bad HTTP answers (promise 7, docs/contracts.md) ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("plan, size, state, failure", [
     ([Faults(truncate_after=MiB)], len(DATA), fp.DONE, None),  # truncated: resumed

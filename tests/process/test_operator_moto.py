@@ -137,7 +137,7 @@ def test_create_uploads_the_file_and_creates_the_job_as_given(cloud, release_fil
                                                     "thresholdPercentage": 12.5, "minNumberOfExecutedThings": 4}]}
     assert job["timeoutConfig"] == {"inProgressTimeoutInMinutes": 90}
 
-    # The document (DESIGN 4.3): the file is AWS's presigned-URL placeholder for that object...
+    # The document (docs/contracts.md, Job document): the file is AWS's presigned-URL placeholder for that object...
     document = document_of(cloud, job_id)
     object_url = f"https://s3.{REGION}.amazonaws.com/{BUCKET}/{key_name}"
     assert document["file"] == "${aws:iot:s3-presigned-url:" + object_url + "}"

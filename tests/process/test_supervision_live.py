@@ -21,8 +21,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -230,7 +228,10 @@ def test_crash_loop_backs_off_with_growing_delays_up_to_the_cap(rig):
     def delays():
         found = [float(d) for d in pattern.findall(r.log())]
         return found if len(found) >= 6 else None
-    found = poll_for(delays, 30, what="six fetcher restarts")
+    try:
+        found = poll_for(delays, 30, what="six fetcher restarts")
+    except AssertionError:
+        raise AssertionError(r.log()[-3000:]) from None
     # Logged after the exit is reaped, so a few ms of the delay may already be gone.
     expected = [0.2, 0.4, 0.8, 1.6, 1.6, 1.6]
     assert found[:6] == pytest.approx(expected, abs=0.11), found

@@ -13,14 +13,12 @@ supervisor mode, switch back, failures, stop.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

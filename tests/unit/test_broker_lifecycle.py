@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -112,7 +112,7 @@ class FakeInstaller:
         if rec is None:
             return self._reply(Refused(seq=1, code=NOT_PERMITTED, reason="no such job"))
         if rec.hook is not None and (rec.hook.hook, rec.hook.round) == (hook, round) and \
-                rec.phase != ip.INSTALL_INTERRUPTED:
+                rec.phase not in (ip.INSTALL_INTERRUPTED, ip.RESTART_INTERRUPTED):
             return self._reply(self._state(key))  # idempotent
         if rec.hook is not None and rec.hook.state == ip.RUNNING:
             return self._reply(Refused(seq=1, code=BUSY, reason="a hook runs"))
@@ -156,15 +156,16 @@ class FakeInstaller:
             self.open = None
         return self._reply(self._state(key))
 
-    def crash(self):
-        """The installer restarts: a running install is interrupted, a restart counts as done."""
+    def crash(self, reboot=False):
+        """The installer restarts: a running install is interrupted; a running restart
+        too, unless the device rebooted (then it counts as done)."""
         for rec in self.records.values():
             if rec.hook is not None and rec.hook.state == ip.RUNNING:
                 rec.hook = replace(rec.hook, state=ip.HOOK_FAILED, message="interrupted")
             if rec.phase == ip.INSTALLING:
                 rec.phase = ip.INSTALL_INTERRUPTED
             elif rec.phase == ip.RESTARTING:
-                rec.phase = ip.RESTARTED
+                rec.phase = ip.RESTARTED if reboot else ip.RESTART_INTERRUPTED
 
 
 class FakeFetcher:
@@ -402,12 +403,24 @@ def test_broker_restarted_right_after_install_goes_on_to_restart(world):
 def test_device_reboot_during_restart_confirms_and_succeeds(world):
     world.installer.hold.add("restart")
     world.create("job-reboot")
-    world.installer.crash()  # the reboot: installer and broker start afresh
+    world.installer.crash(reboot=True)  # installer and broker start afresh
     world.installer.outputs["version"] = "2.0.0"
     world.new_agent()
     world.connect()
     assert final(world, "job-reboot") == ("SUCCEEDED", "complete_ready")
     assert world.installer.runs.count(("install", 0)) == 1
+
+
+def test_restart_interrupted_by_an_installer_crash_runs_again_once(world):
+    world.installer.hold.add("restart")
+    world.create("job-rint")
+    assert world.agent.job.phase is Phase.RESTART
+    world.installer.crash()  # same boot: the installer died and took the restart hook with it
+    world.installer.hold.clear()
+    world.installer.outputs["version"] = "2.0.0"
+    world.advance(lifecycle.HOOK_QUERY + 1)
+    assert final(world, "job-rint") == ("SUCCEEDED", "complete_ready")
+    assert world.installer.runs.count(("restart", 0)) == 2 and world.installer.runs.count(("install", 0)) == 1
 
 
 def test_install_interrupted_by_an_installer_crash_runs_again(world):

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from upparat import signature, verify
+from upparat import verify
 from upparat.devtools.fileserver import Faults, FileServer
 from upparat.fetcher_proc import download as download_mod, resume
 from upparat.fetcher_proc.download import Limits, clean_message
@@ -56,8 +55,8 @@ def dirs(tmp_path) -> tuple[Path, Path]:
 def fetcher(dirs):
     made = []
 
-    def make(keys=(), policy=UNSIGNED, **limits) -> Fetcher:
-        f = Fetcher(dirs[0], dirs[1], list(keys), policy, Limits(**(FAST.__dict__ | limits)))
+    def make(policy=UNSIGNED, **limits) -> Fetcher:
+        f = Fetcher(dirs[0], dirs[1], policy, Limits(**(FAST.__dict__ | limits)))
         made.append(f)
         return f
 
@@ -485,13 +484,6 @@ def test_a_new_url_for_a_running_download_is_used_from_the_next_attempt(fetcher,
 
 # -- the release itself -----------------------------------------------------------------------------
 
-def _keypair():
-    private = ed25519.Ed25519PrivateKey.generate()
-    pem = private.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-    return private, signature.load_public_key(pem)
-
-
 def test_no_sha256_while_required_is_invalid_job_document_without_a_request(fetcher, server):
     f = fetcher(policy=verify.Policy(allow_unsigned=True, require_sha256=True))
     status = f.handle(fetch(url_of(server), sha256=None), b"peer")
@@ -500,31 +492,16 @@ def test_no_sha256_while_required_is_invalid_job_document_without_a_request(fetc
     assert server.requests == []
 
 
-def test_an_unsigned_release_is_refused_by_default(fetcher, server):
+def test_the_fetcher_leaves_signatures_to_the_installer_and_checks_the_sha256(fetcher, server):
+    """The installer verified the release when the job was opened; the fetcher
+    holds no keys and checks the bytes against the release's sha256 and size."""
     f = fetcher(policy=verify.Policy())
-    status = f.handle(fetch(url_of(server)), b"peer")
-    assert (status.failure, server.requests) == ("verification_failed", [])
-    assert "allow_unsigned" in status.message
-
-
-def test_a_release_signed_with_a_configured_key_is_downloaded(fetcher, server):
-    private, public = _keypair()
-    signed = release()
-    signed = Release(**(signed.__dict__ | {"signature": signature.sign(private, signed)}))
-    f = fetcher(keys=[public], policy=verify.Policy())
-    f.handle(fp.Fetch(seq=1, job_id="job-1", execution=1, url=url_of(server), release=signed), b"peer")
+    f.handle(fetch(url_of(server)), b"peer")
     assert wait_final(f).state == fp.DONE
-
-
-def test_a_release_signed_by_another_key_is_verification_failed_without_a_request(fetcher, server):
-    _, public = _keypair()
-    other, _ = _keypair()
-    signed = release()
-    signed = Release(**(signed.__dict__ | {"signature": signature.sign(other, signed)}))
-    f = fetcher(keys=[public], policy=verify.Policy())
-    status = f.handle(fp.Fetch(seq=1, job_id="job-1", execution=1, url=url_of(server), release=signed), b"peer")
-    assert (status.state, status.failure) == (fp.FAILED, "verification_failed")
-    assert "signature" in status.message and server.requests == []
+    g = fetcher(policy=verify.Policy())
+    g.handle(fp.Fetch(seq=1, job_id="job-2", execution=1, url=url_of(server),
+                      release=Release(**(release().__dict__ | {"sha256": "0" * 64}))), b"peer")
+    assert wait_final(g, "job-2").failure == "verification_failed"
 
 
 # -- disk -----------------------------------------------------------------------------------------------
@@ -791,7 +768,7 @@ def small_tmpfs(tmp_path):
 def test_a_staging_file_system_without_room_for_the_copy_fails_before_a_request(dirs, server, tmp_path,
                                                                                 small_tmpfs):
     staging = small_tmpfs(tmp_path / "staging", "256k")
-    f = Fetcher(dirs[0], dirs[1], [], UNSIGNED, FAST, staging_dir=staging)
+    f = Fetcher(dirs[0], dirs[1], UNSIGNED, FAST, staging_dir=staging)
     f.handle(fetch(url_of(server)), b"peer")
     status = wait_final(f)
     assert (status.state, status.failure) == (fp.FAILED, "insufficient_disk_space")
@@ -835,7 +812,7 @@ def test_over_tls_a_stall_is_cut_and_resumed_and_a_cancel_ends_a_stalled_read_at
     try:
         assert tls_server.base_url.startswith("https://")
         tls_server.plan = [Faults(stall_after=300_000, stall_s=60)]
-        f = Fetcher(dirs[0], dirs[1], [], UNSIGNED, Limits(**(FAST.__dict__ | {"low_speed_time": 1})))
+        f = Fetcher(dirs[0], dirs[1], UNSIGNED, Limits(**(FAST.__dict__ | {"low_speed_time": 1})))
         f.handle(fetch(url_of(tls_server)), b"peer")
         assert wait_final(f, timeout=20).state == fp.DONE
         assert [s.range for s in tls_server.log] == [None, "bytes=300000-"]

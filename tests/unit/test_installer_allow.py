@@ -77,7 +77,7 @@ def test_the_table_has_one_rule_per_hook_and_none_other():
 def test_install_and_restart_are_once_only_and_ready_only_after_restart():
     assert allow.ALLOW[("run_hook", "install")].once == allow.ONCE
     assert allow.ALLOW[("run_hook", "restart")].once == allow.ONCE
-    assert allow.ALLOW[("run_hook", "restart")].phases == {ip.INSTALLED}
+    assert allow.ALLOW[("run_hook", "restart")].phases == {ip.INSTALLED, ip.RESTART_INTERRUPTED}
     assert allow.ALLOW[("run_hook", "ready")].phases == {ip.RESTARTED}
     assert allow.staged_here in allow.ALLOW[("run_hook", "install")].requires
 

@@ -90,10 +90,16 @@ def test_recover_an_interrupted_step_may_run_again(before, after, begun):
     assert state.job.hook is None and state.boot_id == "boot-b"
 
 
-def test_recover_restarting_is_restarted_and_not_run_again():
+def test_recover_restarting_after_a_reboot_is_restarted_and_not_run_again():
     state = a_state(phase=ip.RESTARTING, restart_begun=True)
     record.recover(state, "boot-b", no_kill)
     assert (state.job.phase, state.job.restart_begun) == (ip.RESTARTED, True)
+
+
+def test_recover_restarting_in_the_same_boot_is_restart_interrupted_and_may_run_again():
+    state = a_state(phase=ip.RESTARTING, restart_begun=True)
+    record.recover(state, state.boot_id, no_kill)
+    assert (state.job.phase, state.job.restart_begun) == (ip.RESTART_INTERRUPTED, False)
 
 
 def test_recover_forgets_a_running_read_only_hook():

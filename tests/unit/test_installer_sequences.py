@@ -81,7 +81,7 @@ class InstallerSequences(RuleBasedStateMachine):
         self._settled(self.rig.hook(hook, round_, execution=execution))
 
     NEXT = {ip.OPENED: "stage", ip.STAGED: "install", ip.INSTALL_INTERRUPTED: "install", ip.INSTALLED: "restart",
-            ip.RESTARTED: "ready"}
+            ip.RESTART_INTERRUPTED: "restart", ip.RESTARTED: "ready"}
 
     @precondition(lambda self: self.rig.installer.state.job is not None)
     @rule(twice=st.booleans())

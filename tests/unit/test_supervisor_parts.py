@@ -50,12 +50,12 @@ def test_only_the_broker_receives_the_tls_material(settings):
         assert envelope_for(settings, name)["tls"] == {}
 
 
-def test_fetcher_and_installer_receive_the_public_keys(settings):
-    for name in ("fetcher", "installer"):
-        env = envelope_for(settings, name)
-        assert env["public_keys_pem"] == ["-----BEGIN PUB-----\n"]
-        assert env["config_path"] == "/etc/upparat/upparat.conf"
-        assert env["thing_name"] == "other-thing" and env["verbose"] is True
+def test_only_the_installer_receives_the_public_keys(settings):
+    env = envelope_for(settings, "installer")
+    assert env["public_keys_pem"] == ["-----BEGIN PUB-----\n"]
+    assert env["config_path"] == "/etc/upparat/upparat.conf"
+    assert env["thing_name"] == "other-thing" and env["verbose"] is True
+    assert envelope_for(settings, "fetcher")["public_keys_pem"] == []
 
 
 def test_child_environment_is_minimal(settings, monkeypatch):

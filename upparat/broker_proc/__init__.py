@@ -8,6 +8,6 @@ Accepts: AWS IoT Jobs messages for its own thing name only (topics are
 matched exactly), and replies from the fetcher and installer protocols.
 Promises: runs as an unprivileged user with no_new_privs (checked at start),
 never runs commands and never touches files; every job it takes ends in a
-terminal status with a reason (DESIGN.md 3.6); a status update is sent again
+terminal status with a reason (promise 6, docs/contracts.md); a status update is sent again
 until AWS accepts or rejects it, so a broker restart loses none.
 """

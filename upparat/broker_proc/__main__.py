@@ -10,14 +10,13 @@ A message or reply is handled the moment it arrives.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
 import time
 
 import zmq
 
 from upparat import launch
+from upparat.wakeup import Wakeup
 from upparat.broker_proc.jobs_api import Topics
 from upparat.broker_proc.lifecycle import Agent
 from upparat.broker_proc.mqtt import Connection
@@ -34,8 +33,8 @@ def main(argv=None) -> int:
     zctx = zmq.Context()
     installer = InstallerPeer(zctx, ctx.layout.installer_endpoint)
     fetcher = FetcherPeer(zctx, ctx.layout.fetcher_endpoint)
-    signal_r, signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(signal_w, warn_on_full_buffer=False)
+    signals = Wakeup()
+    signals.catch_signals()
     conn = None
     try:
         conn = Connection(cfg.broker, Topics(cfg.broker.thing_name).subscriptions(), ctx.tls)
@@ -46,7 +45,7 @@ def main(argv=None) -> int:
         poller.register(conn.wake_fd, zmq.POLLIN)
         poller.register(installer.sock, zmq.POLLIN)
         poller.register(fetcher.sock, zmq.POLLIN)
-        poller.register(signal_r, zmq.POLLIN)
+        poller.register(signals.read_fd, zmq.POLLIN)
         relay = None
         if ctx.problems_fd is not None:
             relay = ProblemRelay(ctx.problems_fd, cfg.broker.thing_name, ctx.problems_rest)
@@ -56,13 +55,8 @@ def main(argv=None) -> int:
             deadline = agent.next_deadline()
             timeout = HEARTBEAT_S if deadline is None else min(HEARTBEAT_S, max(0.0, deadline - time.monotonic()))
             ready = dict(poller.poll(timeout * 1000))
-            if signal_r in ready:
-                while True:
-                    try:
-                        if not os.read(signal_r, 64):
-                            break
-                    except BlockingIOError:
-                        break
+            if signals.read_fd in ready:
+                signals.drain()
             if conn.wake_fd in ready:
                 for event in conn.events():
                     if event[0] == "connected":
@@ -85,7 +79,7 @@ def main(argv=None) -> int:
             agent.on_time()
             ctx.heartbeat.beat(**agent.status())
     finally:
-        signal.set_wakeup_fd(-1)
+        signals.close()
         if conn is not None:
             conn.stop()
         installer.close()

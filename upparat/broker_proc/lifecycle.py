@@ -109,6 +109,7 @@ RESUME = {
     ip.INSTALL_INTERRUPTED: P.INSTALL,
     ip.INSTALLED: P.REBOOT_REPORT,
     ip.RESTARTING: P.RESTART,
+    ip.RESTART_INTERRUPTED: P.RESTART,
     ip.RESTARTED: P.CONFIRM,
 }
 
@@ -172,8 +173,12 @@ class Agent:
         self._publish(topic, payload)
         return True
 
-    def prefix_ok(self, job_id: str) -> bool:
-        return job_id.startswith(self.cfg.service.job_prefix)
+    def may_take(self, job_id: str, execution: int | None) -> bool:
+        """A job this device handles (job_prefix) and has not finished already:
+        a pending job is recognised by (job id, execution), never by its document."""
+        if not job_id.startswith(self.cfg.service.job_prefix) or self.outbox.has_final(job_id):
+            return False
+        return not self.outbox.is_done(job_id, execution)
 
     def ask_pending(self) -> None:
         self.pending_asked_at = self.clock()
@@ -410,9 +415,7 @@ class Agent:
             return
         in_progress, queued = jobs_api.pending_jobs(body)
         for job_id, execution in in_progress + queued:
-            if not self.prefix_ok(job_id) or self.outbox.has_final(job_id):
-                continue
-            if execution is not None and self.outbox.is_done(job_id, execution):
+            if not self.may_take(job_id, execution):
                 continue
             self.job = Job(job_id=job_id, execution=execution or 0)
             log.info("job %s: picked (in progress %s, queued %s); -> describe", job_id,
@@ -425,8 +428,20 @@ class Agent:
     def on_notify(self, kind: str, body: dict) -> None:
         job = self.job
         if job is None:
-            if not self.outbox.busy():
-                self.ask_pending()
+            if self.outbox.busy():
+                return
+            # notify-next carries the head of the queue with its document (IN_PROGRESS
+            # first, then the oldest QUEUED: what GetPending would pick), so the job can
+            # start at once instead of after a GetPending and a describe round trip.
+            execution = jobs_api.parse_execution(body) if kind == "notify-next" else None
+            if execution is not None and execution.state.status in jobs_api.PENDING \
+                    and self.may_take(execution.job_id, execution.execution_number):
+                self.job = Job(job_id=execution.job_id, execution=execution.execution_number)
+                log.info("job %s: announced by notify-next; -> describe", execution.job_id)
+                self.job.entered_at = self.job.last_heard = self.clock()
+                self.begin(execution)
+                return
+            self.ask_pending()
             return
         if kind == "notify":
             in_progress, queued = jobs_api.pending_jobs(body)
@@ -584,10 +599,12 @@ class Agent:
     def _installer_in_hook(self, state: ip.JobState) -> None:
         job = self.job
         hook = HOOK_OF[job.phase]
-        # The installer restarted while the hook ran: install runs again, restart counts as done.
-        if job.phase is P.INSTALL and state.phase == ip.INSTALL_INTERRUPTED:
-            log.warning("job %s: the install hook was interrupted (installer restart or power loss); "
-                        "running it again", job.job_id)
+        # The installer died while the hook ran (same boot): it runs again. A reboot or an
+        # orderly stop of the installer during the restart hook counts as the restart.
+        interrupted = {P.INSTALL: ip.INSTALL_INTERRUPTED, P.RESTART: ip.RESTART_INTERRUPTED}.get(job.phase)
+        if state.phase == interrupted:
+            log.warning("job %s: the %s hook was interrupted (the installer died); running it again",
+                        job.job_id, HOOK_OF[job.phase])
             return self._run_hook()
         if job.phase is P.RESTART and state.phase == ip.RESTARTED:
             return self.hook_done("restart", "")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import socket
 import ssl
 import sys
 import threading
@@ -45,6 +46,15 @@ def tls_context(broker_cfg, files: dict[str, str]) -> ssl.SSLContext:
     return context
 
 
+def _no_delay(client, userdata, sock) -> None:
+    """Small MQTT packets go out at once: with Nagle's algorithm, an update sent
+    right after a PUBACK waits for the broker's delayed TCP ACK (up to 40 ms)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # not a TCP socket (e.g. a websocket wrapper): nothing to tune
+
+
 class Connection:
     def __init__(self, broker_cfg, subscriptions: list[str], files: dict[str, str]):
         self.cfg = broker_cfg
@@ -64,6 +74,7 @@ class Connection:
         self.client.max_queued_messages_set(1000)
         if broker_cfg.ssl:
             self.client.tls_set_context(tls_context(broker_cfg, files))
+        self.client.on_socket_open = _no_delay
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_subscribe = self._on_subscribe

@@ -89,8 +89,9 @@ def main(argv=None) -> int:
             print(sandbox.logs()[-5000:])
             return 1
         print(f"      final job status: {describe(final)}")
-        installed = sandbox.path("installed", "demo-update-1")
-        if final["status"] == "SUCCEEDED" and installed.exists():
+        found = sorted(sandbox.path("installed").glob("demo-update-1.*"))  # the staged name: <job id>.<execution>
+        installed = found[0] if found else None
+        if final["status"] == "SUCCEEDED" and installed is not None:
             same = sha256_of(installed) == sha256
             print(f"      installed file: {installed} ({installed.stat().st_size} bytes, sha256 "
                   f"{'matches' if same else 'DIFFERS'})")

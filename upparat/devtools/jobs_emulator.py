@@ -36,6 +36,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -91,6 +92,7 @@ class JobsEmulator:
         client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                              client_id=self._client_id, protocol=mqtt.MQTTv311,
                              clean_session=True)
+        client.on_socket_open = _no_delay
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
@@ -219,6 +221,14 @@ class JobsEmulator:
     def _publish_locked(self, publications: list[Publication]) -> None:
         with self._lock:
             self._publish(publications)
+
+
+def _no_delay(client, userdata, sock) -> None:
+    """Replies go out at once (AWS answers without Nagle's delay either)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass

@@ -8,7 +8,7 @@ that order. It never publishes anything itself, is not thread-safe (``JobsEmulat
 serialises calls with one lock), and never trusts a request: every field is checked before
 it is used and a bad request gets a ``/rejected`` answer, never an exception.
 
-The wire shapes follow /work/shared/reference/aws-iot-jobs.md (§2-§7, §13). Choices where
+The wire shapes follow docs/aws-iot-jobs.md. Choices where
 the reference says UNCONFIRMED (option = constructor keyword of ``JobStore``/``JobsEmulator``):
 
 | Question | Choice here | Option |

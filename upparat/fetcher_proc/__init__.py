@@ -8,8 +8,10 @@ the directory belongs to this user with the broker's group and setgid, and
 the socket is made 0660, so the broker's group, and nobody else but root,
 can connect. Details for operators: docs/downloads.md.
 
-Trusts: the settings envelope from the supervisor (configuration, layout,
-public keys). Nothing else.
+Trusts: the settings envelope from the supervisor (configuration, layout).
+Nothing else. It holds no release keys: the installer checks a release's
+signature with its own keys when the job is opened, before the broker asks
+for the download; the fetcher checks the bytes against its sha256 and size.
 
 Accepts: only the requests of upparat.ipc.fetcher_protocol (ping, fetch,
 query_fetch, cancel_fetch), each decoded and checked field by field by
@@ -28,12 +30,12 @@ Promises:
   status; it resumes after ``download_failed``, ``url_expired`` or a cancel,
   and after any failure when a new URL is given for the same release. A new
   URL for a running download is used from its next attempt.
-- Writes only ``handoff.part_name`` while downloading and, once size, sha256
-  and (with keys) the signature are checked, fsyncs it, closes its
+- Writes only ``handoff.part_name`` while downloading and, once size and
+  sha256 are checked, fsyncs it, closes its
   descriptor and renames it to ``handoff.final_name`` in ``<download_dir>``
   (mode 0600), and only then reports ``done``. Writes resume records only in
   ``<state_location>/fetcher``. Paths never cross the socket.
-- DESIGN promise 7: a 200 answer to a range request restarts from zero; a 206
+- promise 7, docs/contracts.md: a 200 answer to a range request restarts from zero; a 206
   is used only when its Content-Range continues exactly where the partial
   file ends; If-Range with the object's ETag, so a changed object restarts
   from zero; a truncated body is resumed; a 416 is complete only when size

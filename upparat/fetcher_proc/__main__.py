@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import stat
 import sys
 import time
@@ -13,7 +12,8 @@ from pathlib import Path
 
 import zmq
 
-from upparat import codes, launch, signature, verify
+from upparat import codes, launch, verify
+from upparat.wakeup import Wakeup
 from upparat.ipc import fetcher_protocol as fp, wire
 
 from .download import Limits
@@ -45,33 +45,6 @@ def open_to_broker_group(path: str) -> None:
     os.chmod(path, 0o660)
 
 
-def load_keys(pems: tuple[str, ...]) -> list:
-    # cryptography is imported only when keys are configured.
-    return signature.load_public_keys(list(pems)) if pems else []
-
-
-class Wakeup:
-    """A pipe the download thread (and signals) write to, to wake the poll."""
-
-    def __init__(self):
-        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def __call__(self) -> None:
-        try:
-            os.write(self.write_fd, b"\0")
-        except BlockingIOError:
-            pass  # already pending
-
-    def drain(self) -> None:
-        try:
-            while os.read(self.read_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        os.close(self.read_fd)
-        os.close(self.write_fd)
 
 
 def main() -> int:
@@ -79,11 +52,6 @@ def main() -> int:
     # urllib3's DEBUG lines carry whole URLs, and a presigned URL's query is a credential.
     logging.getLogger("urllib3").setLevel(max(logging.INFO, logging.getLogger().level))
     layout = ctx.layout
-    try:
-        keys = load_keys(ctx.public_keys_pem)
-    except signature.UnusableKey as exc:
-        log.error("[verification] public_keys: %s; fix: list Ed25519 or ECDSA P-256 PEM files", exc)
-        return codes.EXIT_USAGE
     for path in (layout.fetcher_socket.parent, layout.download_dir, layout.fetcher_state_dir):
         problem = dir_problem(path)
         if problem:
@@ -99,12 +67,12 @@ def main() -> int:
         log.warning("[service] download_rate_limit (%d bytes/s) is below low_speed_limit (%d bytes/s): every "
                     "download will be taken for stalled; lower low_speed_limit", limits.rate_limit,
                     limits.low_speed_limit)
-    fetcher = Fetcher(layout.download_dir, layout.fetcher_state_dir, keys, policy, limits, notify=wakeup,
+    fetcher = Fetcher(layout.download_dir, layout.fetcher_state_dir, policy, limits, notify=wakeup,
                       staging_dir=layout.staging_dir)
     zctx = zmq.Context()
     server = wire.Server(zctx, layout.fetcher_socket, fp.REQUESTS, fetcher.handle, "fetcher",
                          on_bound=open_to_broker_group)
-    old_wakeup = signal.set_wakeup_fd(wakeup.write_fd)  # SIGTERM ends the poll at once
+    wakeup.catch_signals()  # SIGTERM ends the poll at once
     try:
         server.bind()
         log.info("listening on %s; downloads go to %s", server.endpoint, layout.download_dir)
@@ -113,7 +81,6 @@ def main() -> int:
         log.error("socket error: %s", exc)
         return codes.EXIT_FAILURE
     finally:
-        signal.set_wakeup_fd(old_wakeup)
         fetcher.shutdown()
         server.close()
         zctx.term()

@@ -8,7 +8,7 @@ the socket loop: at once for a state change, at most once per
 PROGRESS_PUSH_S for progress. It never deletes a file it did not finish:
 the socket loop decides, once the thread has ended, what to keep (fetcher.py).
 
-Every HTTP answer is untrusted (DESIGN promise 7): a 200 answer to a range
+Every HTTP answer is untrusted (promise 7, docs/contracts.md): a 200 answer to a range
 request restarts from zero instead of appending; a 206 is used only when its
 Content-Range continues exactly where the partial file ends; a body shorter
 than announced is resumed; a body longer than the release's size, or than

@@ -89,13 +89,12 @@ class Entry:
 
 
 class Fetcher:
-    def __init__(self, download_dir: Path, state_dir: Path, keys: list, policy: verify.Policy, limits: Limits,
+    def __init__(self, download_dir: Path, state_dir: Path, policy: verify.Policy, limits: Limits,
                  notify: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic,
                  session_factory: Callable | None = None, staging_dir: Path | None = None):
         self.download_dir = Path(download_dir)
         self.state_dir = Path(state_dir)
         self.staging_dir = staging_dir  # only its free space is looked at
-        self.keys = keys
         self.policy = policy
         self.limits = limits
         self._notify = notify
@@ -158,7 +157,7 @@ class Fetcher:
         entry = Entry(request.job_id, request.execution, request.url, request.release,
                       bytes_total=request.release.size)
         self._remember(entry)
-        failure = verify.release_failure(request.release, self.keys, self.policy)
+        failure = verify.document_failure(request.release, self.policy)
         if failure is not None:
             entry.settle(fp.FAILED, failure.state, failure.message)
             return entry.status(request.seq)

@@ -17,7 +17,7 @@ against the one literal allow-list in ``allow.py`` (phase, once-only steps,
 busy), then answered by ``Installer.answer_<type>``. A refused request is
 refused whole; nothing of it is done.
 
-Promises (DESIGN.md section 3; docs/security.md, "The installer boundary"):
+Promises (docs/contracts.md, Promises; docs/security.md, "The installer boundary"):
 1. It runs only the hooks named in its config, chosen by hook name, as an
    argv list with a fixed environment, stdin ``/dev/null``, cwd ``/``, in a
    process group of its own that dies with the installer; each hook path is

@@ -5,12 +5,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import sys
 
 import zmq
 
-from upparat import codes, launch, trust, verify
+from upparat import codes, launch, signature, trust, verify
+from upparat.wakeup import Wakeup
 from upparat.ipc import installer_protocol, wire
 from upparat.ipc.settings import Identities, Layout
 from upparat.release import HOOK_NAMES
@@ -33,17 +33,44 @@ class StartError(Exception):
         self.code = code
 
 
-def load_keys(pems: tuple[str, ...]) -> list:
-    """The installer's own keys; ``cryptography`` is imported only when there are any."""
-    if not pems:
-        return []
-    from upparat import signature
+def load_keys(pems: tuple[str, ...]) -> signature.LazyKeys:
+    """The installer's own keys, checked now, loaded at the first verification.
 
-    try:
-        return signature.load_public_keys(list(pems))
-    except signature.UnusableKey as exc:
-        raise StartError(codes.EXIT_USAGE, f"[verification] public_keys: {exc}. Fix: give Ed25519 or ECDSA "
-                         "P-256 public keys (PEM) or certificates") from None
+    An unusable key must stop the installer at start (exit 2), but loading
+    keys imports ``cryptography`` (several MiB that an idle device would
+    carry for nothing): a short-lived child process loads them and reports,
+    and this process imports ``cryptography`` when the first job is opened.
+    """
+    keys = signature.LazyKeys(pems)
+    if not pems:
+        return keys
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: check, report, exit without running any of the parent's cleanup
+        os.close(read_fd)
+        code = 0
+        try:
+            signature.load_public_keys(list(pems))
+        except signature.UnusableKey as exc:
+            os.write(write_fd, str(exc).encode("utf-8", "replace")[:2000])
+            code = codes.EXIT_USAGE
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            os.write(write_fd, repr(exc).encode("utf-8", "replace")[:2000])
+            code = codes.EXIT_FAILURE
+        os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    while chunk := os.read(read_fd, 4096):
+        chunks.append(chunk)
+    os.close(read_fd)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    message = b"".join(chunks).decode("utf-8", "replace")
+    if code == codes.EXIT_USAGE:
+        raise StartError(codes.EXIT_USAGE, f"[verification] public_keys: {message}. Fix: give Ed25519 or ECDSA "
+                         "P-256 public keys (PEM) or certificates")
+    if code != 0:
+        raise StartError(codes.EXIT_FAILURE, f"cannot check [verification] public_keys: {message or code}")
+    return keys
 
 
 def check_hooks(hooks, as_root: bool) -> None:
@@ -116,32 +143,7 @@ def build(ctx: launch.ChildContext, wake) -> tuple[Installer, int]:
     return installer, staging_dirfd
 
 
-class Waker:
-    """A pipe the threads (and signal handlers) write to, so that the main
-    loop wakes at once instead of at its next timeout."""
-
-    def __init__(self):
-        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def wake(self) -> None:
-        try:
-            os.write(self.write_fd, b"w")
-        except BlockingIOError:
-            pass  # already full: the loop will wake anyway
-
-    def drain(self) -> None:
-        try:
-            while os.read(self.read_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        os.close(self.read_fd)
-        os.close(self.write_fd)
-
-
-def serve(ctx: launch.ChildContext, installer: Installer, server: wire.Server, waker: Waker) -> None:
+def serve(ctx: launch.ChildContext, installer: Installer, server: wire.Server, waker: Wakeup) -> None:
     """The main loop: requests, thread outcomes, memory guard, heartbeat."""
     installer.push = lambda message: server.push(server.last_peer, message)
     while not ctx.stop.is_set():
@@ -165,10 +167,10 @@ def serve(ctx: launch.ChildContext, installer: Installer, server: wire.Server, w
 def main() -> int:
     ctx = launch.start_child("installer", unprivileged=False)
     staging.ignore_lease_breaks()  # before any lease: a lease break must not kill root
-    waker = Waker()
-    signal.set_wakeup_fd(waker.write_fd, warn_on_full_buffer=False)  # SIGTERM wakes the loop at once
+    waker = Wakeup()
+    waker.catch_signals()  # SIGTERM wakes the loop at once
     try:
-        installer, staging_dirfd = build(ctx, waker.wake)
+        installer, staging_dirfd = build(ctx, waker)
     except StartError as exc:
         log.error("cannot start: %s", exc)
         return exc.code

@@ -27,7 +27,8 @@ from typing import Callable
 
 from upparat.ipc import installer_protocol as ip
 from upparat.ipc.installer_protocol import (
-    DISCARDED, FAILED, INSTALL_INTERRUPTED, INSTALLED, INSTALLING, NONE, OPENED, PHASES, RESTARTED, RESTARTING,
+    DISCARDED, FAILED, INSTALL_INTERRUPTED, INSTALLED, INSTALLING, NONE, OPENED, PHASES, RESTART_INTERRUPTED,
+    RESTARTED, RESTARTING,
     STAGED, STAGING,
 )
 from upparat.ipc.wire import BUSY, NOT_PERMITTED, Message, Refusal
@@ -97,7 +98,7 @@ ALLOW: dict[tuple[str, str | None], Rule] = {
                                     (configured, idle)),
     ("run_hook", "install"):   Rule(Installer.answer_run_hook,  _phases(STAGED, INSTALL_INTERRUPTED), ONCE,
                                     (configured, idle, staged_here)),
-    ("run_hook", "restart"):   Rule(Installer.answer_run_hook,  _phases(INSTALLED),                 ONCE,
+    ("run_hook", "restart"):   Rule(Installer.answer_run_hook,  _phases(INSTALLED, RESTART_INTERRUPTED), ONCE,
                                     (configured, idle)),
     ("run_hook", "ready"):     Rule(Installer.answer_run_hook,  _phases(RESTARTED),                 PER_ROUND,
                                     (configured, idle)),

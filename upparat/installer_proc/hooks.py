@@ -1,4 +1,4 @@
-"""Running one of the device owner's hooks (DESIGN.md 4.5) in a thread of its own.
+"""Running one of the device owner's hooks (docs/contracts.md, Hooks) in a thread of its own.
 
 The command comes from the installer's own config, chosen by hook name, and
 is checked again right before every attempt (``trust.executable_problem``:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from upparat import verify
+from upparat import signature, verify
 from upparat.config import HooksConfig
 from upparat.ipc import handoff
 from upparat.ipc import installer_protocol as ip
@@ -48,7 +48,7 @@ class Settings:
     staging_dir: Path
     download_dir: Path
     fetcher_uid: int | None  # owner a downloaded file must have (None: development run, one user)
-    keys: list
+    keys: signature.LazyKeys  # loaded at the first verification
     policy: verify.Policy
     max_file_size: int
     as_root: bool
@@ -401,8 +401,23 @@ class Installer:
             self.push(self.job_state(0, job.job_id, job.execution))
 
     def stop(self) -> None:
-        """Installer shutdown: stop what runs (a hook's whole group), record nothing."""
+        """Installer shutdown: stop what runs (a hook's whole group).
+
+        An orderly stop while the restart hook runs is what a restart hook
+        that restarts this service (or reboots) causes: it counts as the
+        restart, recorded now, so that it is not run again. A crash leaves
+        ``restarting`` behind, which ``recover`` turns into restart_interrupted.
+        """
         self.stopping = True
+        job = self.state.job
+        if job is not None and job.phase == ip.RESTARTING:
+            def restarted(state: State) -> None:
+                job.phase = ip.RESTARTED
+                job.message = "the installer was stopped while the restart hook ran: counted as restarted"
+            try:
+                self._change(restarted)
+            except Refusal:
+                pass  # not recorded: recover decides after the next start
         worker = self.worker
         if worker is not None:
             worker.stop("the installer is stopping")

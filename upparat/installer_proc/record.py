@@ -1,6 +1,6 @@
 """The installer's record, in root-only state: what was opened, staged, run
 and finished, so that after a crash or a power loss broker and installer
-agree on what was already done (DESIGN.md promise 8).
+agree on what was already done (promise 8, docs/contracts.md).
 
 ``<staging_dir>/state.json`` holds at most one open job execution (its
 verified ``Release``, phase, failure, the latest hook run and, while a hook
@@ -15,7 +15,10 @@ clean one (the installer never crashes on its own state file).
 true now (docs/security.md, "After a crash or a power loss"):
 
     installing  -> install_interrupted   the hook was cut off; install may run again
-    restarting  -> restarted             the restart happened (or was cut off)
+    restarting  -> restarted             after a reboot: the restart the hook asked for
+    restarting  -> restart_interrupted   same boot: the installer died and took the hook
+                                         with it; restart may run again (an orderly stop
+                                         during the hook was recorded as restarted already)
     staging     -> opened                stage again; a file already moved is re-verified
     a read-only hook recorded as running -> forgotten, so that it can be asked again
 """
@@ -264,10 +267,17 @@ def recover(state: State, now_boot_id: str, kill_leftovers: Callable[[JobRecord]
         job.install_begun = False
         job.message = f"{who} while the install hook ran; the install hook may run again"
         notes.append("installing -> install_interrupted")
-    elif job.phase == ip.RESTARTING:
+    elif job.phase == ip.RESTARTING and rebooted:
         job.phase = ip.RESTARTED
-        job.message = f"{who} while the restart hook ran; counted as restarted"
+        job.message = "the device restarted while the restart hook ran: the restart it asked for"
         notes.append("restarting -> restarted")
+    elif job.phase == ip.RESTARTING:
+        # Same boot, and no orderly stop recorded it (see Installer.stop): the
+        # installer died and took the hook with it; the hook may run again.
+        job.phase = ip.RESTART_INTERRUPTED
+        job.restart_begun = False
+        job.message = "the installer stopped while the restart hook ran; the restart hook may run again"
+        notes.append("restarting -> restart_interrupted")
     elif job.phase == ip.STAGING:
         job.phase = ip.OPENED
         job.stage_begun = False

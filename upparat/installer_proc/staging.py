@@ -1,5 +1,5 @@
 """Staging: the installer takes the downloaded file out of the fetcher's
-reach and verifies its own read of it (DESIGN.md promise 2; the handoff is
+reach and verifies its own read of it (promise 2, docs/contracts.md; the handoff is
 described in upparat.ipc.handoff; docs/security.md, "Staging").
 
 The path is never taken from a message: it is ``handoff.final_name(job_id,

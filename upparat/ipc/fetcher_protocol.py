@@ -33,8 +33,8 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 UNKNOWN = "unknown"  # no such download (e.g. the fetcher restarted): fetch again, it resumes
 STATES = (RUNNING, DONE, FAILED, CANCELLED, UNKNOWN)
-# FetchStatus.failure values: job statusDetails.state names (DESIGN contract,
-# job status), plus url_expired (HTTP 403: the broker asks AWS for a fresh
+# FetchStatus.failure values: job statusDetails.state names (docs/contracts.md,
+# Job status), plus url_expired (HTTP 403: the broker asks AWS for a fresh
 # presigned URL and fetches again; the partial file is kept for resuming).
 FAILURES = ("download_failed", "verification_failed", "file_too_large", "insufficient_disk_space",
             "invalid_job_document", "url_expired")

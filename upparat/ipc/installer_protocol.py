@@ -53,13 +53,14 @@ INSTALLING = "installing"  # install hook running
 INSTALL_INTERRUPTED = "install_interrupted"  # the installer stopped while install ran; install allowed again
 INSTALLED = "installed"  # install exited 0; restart allowed
 RESTARTING = "restarting"  # restart hook running
-RESTARTED = "restarted"  # restart exited 0, or was running when the installer (or device) restarted
+RESTART_INTERRUPTED = "restart_interrupted"  # the installer died (same boot) while restart ran; restart allowed again
+RESTARTED = "restarted"  # restart exited 0, or the device rebooted or the installer was stopped while it ran
 FAILED = "failed"  # release, file or a hook failed (``failure`` says which); only discard is allowed
 DISCARDED = "discarded"  # stopped, files deleted; remembered so late requests are refused
-PHASES = (NONE, OPENED, STAGING, STAGED, INSTALLING, INSTALL_INTERRUPTED, INSTALLED, RESTARTING, RESTARTED,
-          FAILED, DISCARDED)
+PHASES = (NONE, OPENED, STAGING, STAGED, INSTALLING, INSTALL_INTERRUPTED, INSTALLED, RESTARTING,
+          RESTART_INTERRUPTED, RESTARTED, FAILED, DISCARDED)
 
-# Job-status failure states (DESIGN contract, job status) the installer may report.
+# Job-status failure states (docs/contracts.md, Job status) the installer may report.
 FAILURES = ("invalid_job_document", "verification_failed", "rollback_refused", "insufficient_disk_space",
             "file_too_large", "file_missing", "version_hook_failed", "download_hook_failed",
             "installation_hook_failed", "restart_hook_failed", "ready_hook_failed")

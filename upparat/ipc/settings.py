@@ -154,7 +154,7 @@ class ChildSettings:
     layout: Layout
     ids: Identities
     tls: dict[str, str] = field(default_factory=dict)  # [broker] cafile/certfile/keyfile PEM text (broker only)
-    public_keys_pem: tuple[str, ...] = ()  # [verification] public_keys (fetcher, installer)
+    public_keys_pem: tuple[str, ...] = ()  # [verification] public_keys (the installer only)
 
     def encode(self) -> bytes:
         body = asdict(self)

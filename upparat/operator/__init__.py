@@ -1,4 +1,4 @@
-"""upparat-jobs: the operator's side of an update (DESIGN.md 4.1, 4.3, 4.4).
+"""upparat-jobs: the operator's side of an update (docs/contracts.md: Commands, Job document, Signature statement).
 
 Runs on an operator's machine or in CI, never on a device. It signs a
 release with the statement the root installer re-verifies (``upparat.release``,

@@ -1,4 +1,4 @@
-"""The ``upparat-jobs`` command line (DESIGN.md 4.1): keygen, sign, create, cancel, status.
+"""The ``upparat-jobs`` command line (docs/contracts.md, Commands): keygen, sign, create, cancel, status.
 
 Exit codes (``upparat.codes``): 0 done; 1 AWS or the jobs emulator refused or could
 not be reached (credentials, region, bucket, thing, job id, permissions); 2 the

@@ -102,7 +102,7 @@ def document_fields(release: Release) -> dict:
 
 
 def job_document(release: Release, object_url: str) -> dict:
-    """DESIGN.md 4.3: the file is a presigned-URL placeholder that AWS fills on every delivery."""
+    """docs/contracts.md, Job document: the file is a presigned-URL placeholder that AWS fills on every delivery."""
     document = {"version": release.version, "file": f"{vocabulary.PLACEHOLDER}{object_url}}}"}
     document.update((k, v) for k, v in document_fields(release).items() if k != "version")
     size = len(json.dumps(document, separators=(",", ":")).encode("utf-8"))
