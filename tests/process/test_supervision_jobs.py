@@ -86,3 +86,25 @@ def test_sigterm_during_a_download_stops_everything_within_the_bound(box):
     assert box.supervisor.popen.returncode == 0
     assert time.monotonic() - started <= STOP_TIMEOUT + KILL_WAIT + 5
     assert not [pid for pid in pids.values() if pid_alive(pid)]
+
+
+def test_an_installer_killed_during_the_install_hook_is_asked_again_as_soon_as_it_is_back(box):
+    """A restarted installer cannot speak first (a ROUTER learns its peers from
+    their messages): the broker sees its DEALER connect again and asks at once,
+    instead of at its next safety query, 30 s later."""
+    box.add_file("fw.bin", os.urandom(100_000))
+    box.create_job("job-kill", box.document("fw.bin", "2.0.0"))
+    poll_for(lambda: box.path("state", "at-install").exists(), 30, what="the install hook")
+    pid = child_pids(box.supervisor.pid)["installer"]
+    os.kill(pid, signal.SIGKILL)
+    poll_for(lambda: child_pids(box.supervisor.pid).get("installer") not in (None, pid), 30,
+             what="a new installer")
+    open_gates(box, "install")
+    final = box.wait_for_job("job-kill", timeout=90)
+    assert (final["status"], final["statusDetails"]["state"]) == ("SUCCEEDED", "complete_ready"), \
+        box.logs()[-4000:]
+    logs = box.logs()
+    assert "job job-kill: the installer process connected; asking it now" in logs, logs[-4000:]
+    assert "install hook was interrupted" in logs, logs[-4000:]
+    # The interrupted hook ran again (the documented re-run), and only that once more.
+    assert box.path("state", "install-runs").read_text().count("run") == 2

@@ -423,6 +423,22 @@ def test_restart_interrupted_by_an_installer_crash_runs_again_once(world):
     assert world.installer.runs.count(("restart", 0)) == 2 and world.installer.runs.count(("install", 0)) == 1
 
 
+def test_a_peer_that_connects_again_is_asked_at_once_not_at_the_next_query(world):
+    world.installer.hold.add("restart")
+    world.create("job-back")
+    assert world.agent.job.phase is Phase.RESTART
+    world.installer.crash()  # same boot: it cannot speak first after its restart
+    world.installer.hold.clear()
+    world.installer.outputs["version"] = "2.0.0"
+    world.agent.handle_peer_connected("fetcher")  # not the peer this phase waits on
+    world.settle()
+    assert world.agent.job.phase is Phase.RESTART
+    world.agent.handle_peer_connected("installer")
+    world.settle()  # no time passes: the request goes out now
+    assert final(world, "job-back") == ("SUCCEEDED", "complete_ready")
+    assert world.installer.runs.count(("restart", 0)) == 2
+
+
 def test_install_interrupted_by_an_installer_crash_runs_again(world):
     world.installer.hold.add("install")
     world.create("job-int")

@@ -46,6 +46,9 @@ def main(argv=None) -> int:
         poller.register(installer.sock, zmq.POLLIN)
         poller.register(fetcher.sock, zmq.POLLIN)
         poller.register(signals.read_fd, zmq.POLLIN)
+        watched = {peer.client.watch_connections(): peer for peer in (installer, fetcher)}
+        for monitor in watched:
+            poller.register(monitor, zmq.POLLIN)
         relay = None
         if ctx.problems_fd is not None:
             relay = ProblemRelay(ctx.problems_fd, cfg.broker.thing_name, ctx.problems_rest)
@@ -76,6 +79,9 @@ def main(argv=None) -> int:
             if fetcher.sock in ready:
                 for message in fetcher.receive():
                     agent.handle_fetcher(message)
+            for monitor, peer in watched.items():
+                if monitor in ready and peer.client.connections_ready():
+                    agent.handle_peer_connected(peer.name)
             agent.on_time()
             ctx.heartbeat.beat(**agent.status())
     finally:

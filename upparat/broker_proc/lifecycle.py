@@ -809,6 +809,18 @@ class Agent:
         if job.retry_at is not None and now >= job.retry_at:
             self.on_retry()
 
+    def handle_peer_connected(self, peer: str) -> None:
+        """The connection to a peer was made (again: it restarted). If the job
+        waits on that peer, its next (idempotent) request goes out now rather
+        than at the next safety query: a restarted peer cannot speak first."""
+        job = self.job
+        if job is None or job.retry_at is None or job.phase in (P.DESCRIBE, P.REBOOT_REPORT, P.FINISH):
+            return
+        if (peer == "fetcher") != (job.phase is P.FETCH and not job.awaiting_url):
+            return
+        log.info("job %s: the %s process connected; asking it now", job.job_id, peer)
+        job.retry_at = min(job.retry_at, self.clock())
+
     def _peer_name(self) -> str:
         return "download" if self.job.phase is P.FETCH else "installer"
 

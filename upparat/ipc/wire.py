@@ -375,6 +375,7 @@ class Client:
         self.name = name
         self.sock = self._open()
         self.garbage = 0  # replies that could not be used, since the last reset_garbage()
+        self.monitor: zmq.Socket | None = None
 
     def _open(self) -> zmq.Socket:
         sock = make_socket(self._context, zmq.DEALER)
@@ -410,5 +411,30 @@ class Client:
                 log.error("%s: unusable reply: %s", self.name, exc)
         return out
 
+    def watch_connections(self) -> zmq.Socket:
+        """A socket (register it in the caller's poller) that becomes readable
+        each time the connection to the peer is made, again after the peer
+        restarted too. A restarted server cannot push to us before we speak
+        (a ROUTER learns its peers from their messages), so the caller asks
+        at once instead of at its next safety query."""
+        if self.monitor is None:
+            self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        return self.monitor
+
+    def connections_ready(self) -> int:
+        """How many connections were made since the last call."""
+        made = 0
+        while self.monitor is not None:
+            try:
+                self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            made += 1
+        return made
+
     def close(self) -> None:
+        if self.monitor is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
         self.sock.close(linger=0)
