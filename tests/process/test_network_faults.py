@@ -62,6 +62,14 @@ def assert_succeeded_once(box, job_id, final):
     assert sha256_of(box.path("installed", "fw.bin")) == sha256_of(box.path("files", f"{job_id}.bin"))
 
 
+def hold_the_download(box, seconds=2.0):
+    """The file server waits before its answer, so that a fault set once
+    download_start is seen lands before installation_start: a job with
+    instant hooks goes from one to the other in milliseconds."""
+    box.files.faults.delay_s = seconds
+    box.files.faults.times = 1
+
+
 def reported(box, job_id, state):
     execution = box.execution(job_id)
     return execution is not None and any(h["statusDetails"].get("state") == state
@@ -69,6 +77,7 @@ def reported(box, job_id, state):
 
 
 def test_mqtt_blackholed_mid_job_holds_the_reports_and_the_job_still_succeeds(box):
+    hold_the_download(box)
     start_job(box, "job-hole")
     poll_for(lambda: reported(box, "job-hole", "download_start"), 30, what="download_start reported")
     box.mqtt_proxy.blackhole()
@@ -83,6 +92,7 @@ def test_mqtt_blackholed_mid_job_holds_the_reports_and_the_job_still_succeeds(bo
 
 
 def test_mqtt_blackholed_then_reset_the_device_reconnects_and_the_job_succeeds(box):
+    hold_the_download(box)
     start_job(box, "job-reset")
     poll_for(lambda: reported(box, "job-reset", "download_start"), 30, what="download_start reported")
     box.mqtt_proxy.blackhole()
