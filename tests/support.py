@@ -3,6 +3,7 @@ a real Mosquitto, and processes that are always stopped by PID."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -166,3 +167,18 @@ def start_child_process(role: str, config_text: str, layout, ids, log_path: Path
     proc = Proc([child_interpreter(), "-m", f"upparat.{role}_proc", "--from-supervisor"], log_path,
                 stdin_data=settings.encode(), cwd="/", **drop)
     return proc
+
+
+@contextlib.contextmanager
+def running_sandbox(path: Path, **kwargs):
+    """A started Sandbox (upparat/devtools/sandbox.py) whose supervisor runs its
+    three children; stopped, by PID, on the way out."""
+    from upparat.devtools.sandbox import Sandbox
+
+    box = Sandbox(path, **kwargs)
+    try:
+        box.start()
+        poll_for(lambda: len(child_pids(box.supervisor.pid)) == 3, 30, what="three children")
+        yield box
+    finally:
+        box.stop()

@@ -9,18 +9,15 @@ import random
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.support import child_pids, poll_for
+from tests.support import child_pids, running_sandbox
 from upparat.devtools.jobs_emulator import FaultRule
-from upparat.devtools.sandbox import THING, Sandbox
+from upparat.devtools.sandbox import THING
 
 
 @pytest.fixture
 def box(world_tmp):
-    sandbox = Sandbox(world_tmp / "box")
-    sandbox.start()
-    poll_for(lambda: len(child_pids(sandbox.supervisor.pid)) == 3, 20, what="three children")
-    yield sandbox
-    sandbox.stop()
+    with running_sandbox(world_tmp / "box") as sandbox:
+        yield sandbox
 
 
 def states(execution):

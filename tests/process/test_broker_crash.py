@@ -8,8 +8,8 @@ import signal
 
 import pytest
 
-from tests.support import child_pids, poll_for
-from upparat.devtools.sandbox import Sandbox, sha256_of
+from tests.support import child_pids, poll_for, running_sandbox
+from upparat.devtools.sandbox import sha256_of
 
 GATE = """
 n=0
@@ -44,11 +44,8 @@ def kill_broker(box):
 
 @pytest.fixture
 def box(world_tmp):
-    sandbox = Sandbox(world_tmp / "box", hooks=HOOKS)
-    sandbox.start()
-    poll_for(lambda: len(child_pids(sandbox.supervisor.pid)) == 3, 20, what="three children")
-    yield sandbox
-    sandbox.stop()
+    with running_sandbox(world_tmp / "box", hooks=HOOKS) as sandbox:
+        yield sandbox
 
 
 def phase_logged(box, line):

@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from tests.support import child_pids, poll_for
-from upparat.devtools.sandbox import Sandbox, sha256_of
+from tests.support import poll_for, running_sandbox
+from upparat.devtools.sandbox import sha256_of
 
 KiB, MiB = 1024, 1024 * 1024
 MILESTONES = ["download_start", "installation_start", "reboot_start", "complete_ready"]
@@ -27,25 +27,17 @@ echo "$3" > "{base}/state/pending"
 """}
 
 
-def make_box(world_tmp, **kwargs) -> Sandbox:
-    box = Sandbox(world_tmp / "box", hooks=HOOKS, network_faults=True, **kwargs)
-    box.start()
-    poll_for(lambda: len(child_pids(box.supervisor.pid)) == 3, 30, what="three children")
-    return box
-
-
 @pytest.fixture
 def box(world_tmp):
-    sandbox = make_box(world_tmp)
-    yield sandbox
-    sandbox.stop()
+    with running_sandbox(world_tmp / "box", hooks=HOOKS, network_faults=True) as sandbox:
+        yield sandbox
 
 
 @pytest.fixture
 def slow_box(world_tmp):
-    sandbox = make_box(world_tmp, service_extra="low_speed_limit = 100000\nlow_speed_time = 2\n")
-    yield sandbox
-    sandbox.stop()
+    with running_sandbox(world_tmp / "box", hooks=HOOKS, network_faults=True,
+                         service_extra="low_speed_limit = 100000\nlow_speed_time = 2\n") as sandbox:
+        yield sandbox
 
 
 def start_job(box, job_id, size=300 * KiB, version="2.0.0"):

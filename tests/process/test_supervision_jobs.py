@@ -10,8 +10,7 @@ import time
 import pytest
 
 from tests.process.test_broker_crash import GATE, open_gates
-from tests.support import child_pids, pid_alive, poll_for
-from upparat.devtools.sandbox import Sandbox
+from tests.support import child_pids, pid_alive, poll_for, running_sandbox
 from upparat.supervisor import KILL_WAIT, MAX_POLL, POLICY, STOP_TIMEOUT
 
 HOOKS = {
@@ -22,11 +21,8 @@ HOOKS = {
 
 @pytest.fixture
 def box(world_tmp):
-    sandbox = Sandbox(world_tmp / "box", hooks=HOOKS)
-    sandbox.start()
-    poll_for(lambda: len(child_pids(sandbox.supervisor.pid)) == 3, 20, what="three children")
-    yield sandbox
-    sandbox.stop()
+    with running_sandbox(world_tmp / "box", hooks=HOOKS) as sandbox:
+        yield sandbox
 
 
 def test_a_fetcher_stopped_mid_download_is_killed_and_restarted_and_the_job_ends(box):
