@@ -40,8 +40,10 @@ left once the sandbox is stopped. The rules (``check``):
 - the install hook only ever read the published bytes, and what is
   installed is the published file;
 - install ran once, or twice when a power loss or a kill of the installer
-  hit the running install hook (the documented re-run), never more; the
-  same for restart (``restart_interrupted``: the boot id did not change);
+  came before the installer recorded the hook's end (the hook was running,
+  or the broker was still waiting for its result): the documented re-run,
+  never more; the same for restart (``restart_interrupted``: the rig's
+  power loss keeps the boot id);
 - the milestones reported to AWS never go backwards;
 - nothing is left behind: no download, no staged copy, no resume record,
   no hook process once the job is over; no process at all after the stop;
@@ -584,15 +586,19 @@ def check(t: Trial) -> None:
         v.append("the installed file is not the published file")
     if t.status == "SUCCEEDED" and t.installed_ok is not True:
         v.append("SUCCEEDED without the published file installed")
-    rerun_allowed = t.install_running_at_fault and t.fault in ("power_loss", "kill_installer")
-    allowed_runs = {1, 2} if rerun_allowed else {1}
+    # The installer runs a hook again when it died before it recorded the hook's end: the
+    # hook was running at the fault, or had just ended and the broker had not heard (it was
+    # still in that hook's phase). A power loss here keeps the boot id: the same rule.
+    def rerun_allowed(hook: str, running: bool) -> bool:
+        return t.fault in ("power_loss", "kill_installer") and (running or t.phase_at_fault == hook)
+
+    rerun_install = rerun_allowed("install", t.install_running_at_fault)
+    allowed_runs = {1, 2} if rerun_install else {1}
     if t.status == "FAILED":
         allowed_runs |= {0}
     if t.install_runs not in allowed_runs:
         v.append(f"install ran {t.install_runs} times (allowed {sorted(allowed_runs)})")
-    # A restart hook cut off by the installer's end on the same boot runs once more
-    # (restart_interrupted, docs/security.md); the rig's power loss keeps the boot id.
-    restart_rerun = t.restart_running_at_fault and t.fault in ("power_loss", "kill_installer")
+    restart_rerun = rerun_allowed("restart", t.restart_running_at_fault)
     if t.restart_runs > (2 if restart_rerun else 1):
         v.append(f"restart ran {t.restart_runs} times (allowed at most {2 if restart_rerun else 1})")
     ranks = [MILESTONES.index(s) for s in t.history if s in MILESTONES]
