@@ -47,7 +47,9 @@ left once the sandbox is stopped. The rules (``check``):
 - the milestones reported to AWS never go backwards;
 - nothing is left behind: no download, no staged copy, no resume record,
   no hook process once the job is over; no process at all after the stop;
-  the supervisor still has its three children.
+  the supervisor still has its three children;
+- no traceback in the device's logs: no process died of an unexpected
+  exception (a kill is a signal, not an exception).
 
 Command line (one trial at a time; everything a trial starts is stopped by PID)::
 
@@ -163,6 +165,7 @@ class Trial:
     leftover_files: list[str] = field(default_factory=list)
     leftover_processes: list[str] = field(default_factory=list)
     children_after: int = 0
+    tracebacks: int = 0  # uncaught exceptions (and log.exception) in the device's logs
     violations: list[str] = field(default_factory=list)
     error: str = ""
 
@@ -539,6 +542,7 @@ class Run:
         installed = box.path("installed", "fw.bin")
         t.installed_ok = None if not installed.exists() else sha256_of(installed) == self.published_sha
         t.children_after = len(child_pids(box.supervisor.pid)) if box.supervisor.alive() else 0
+        t.tracebacks = box.logs().count("Traceback (most recent call last)")
 
     def _stop(self) -> None:
         """Stop everything this trial started, by PID; whatever outlives that is recorded and killed."""
@@ -608,6 +612,9 @@ def check(t: Trial) -> None:
         v.append(f"left behind after the job: {t.leftover_files}")
     if t.children_after != 3:
         v.append(f"{t.children_after} children running after the job (expected 3)")
+    if t.tracebacks:
+        v.append(f"{t.tracebacks} traceback(s) in the device's logs: a process died of, or logged, an unexpected "
+                 "exception")
 
 
 # -- many trials --------------------------------------------------------------------------
@@ -673,6 +680,7 @@ def summary(results: list[Trial]) -> dict:
         "trial_median_s": round(statistics.median(t.duration_s for t in results), 2) if results else None,
         "leftover_files": sum(len(t.leftover_files) for t in results),
         "leftover_processes": sum(len(t.leftover_processes) for t in results),
+        "tracebacks": sum(t.tracebacks for t in results),
         "per_fault": per_fault,
     }
 

@@ -439,6 +439,37 @@ def test_a_peer_that_connects_again_is_asked_at_once_not_at_the_next_query(world
     assert world.installer.runs.count(("restart", 0)) == 2
 
 
+def test_a_repeated_no_record_answer_while_opening_is_ignored_not_a_crash(world):
+    """Two queries in SYNC (a retry, or a reconnect) give two "no record" answers:
+    the second arrives in OPEN and used to crash the broker (no transition open -> open)."""
+    opens = []
+    world.installer.open_job = lambda *args: opens.append(args) or True  # the answer is late
+    world.installer.outputs["version"] = lambda: "2.0.0" if ("restart", 0) in world.installer.runs else "1.0.0"
+    world.create("job-dup")
+    assert world.agent.job.phase is Phase.OPEN
+    stale = ip.JobState(seq=0, job_id="job-dup", execution=1, phase=ip.NONE, failure=None, message="", hook=None)
+    world.agent.handle_installer(stale)
+    assert world.agent.job.phase is Phase.OPEN
+    del world.installer.open_job  # the real fake again: the retried open is answered
+    world.advance(lifecycle.PEER_RETRY + 1)
+    assert final(world, "job-dup") == ("SUCCEEDED", "complete_ready")
+
+
+def test_an_installer_that_lost_its_record_while_staging_is_synced_again(world):
+    stages = []
+    world.installer.stage = lambda *args: stages.append(args) or True  # staging takes a while
+    world.installer.outputs["version"] = lambda: "2.0.0" if ("restart", 0) in world.installer.runs else "1.0.0"
+    world.create("job-lost")
+    assert world.agent.job.phase is Phase.STAGE
+    world.installer.records.clear()  # its state.json is gone
+    world.installer.open = None
+    lost = ip.JobState(seq=0, job_id="job-lost", execution=1, phase=ip.NONE, failure=None, message="", hook=None)
+    del world.installer.stage
+    world.agent.handle_installer(lost)
+    world.settle()
+    assert final(world, "job-lost") == ("SUCCEEDED", "complete_ready")
+
+
 def test_install_interrupted_by_an_installer_crash_runs_again(world):
     world.installer.hold.add("install")
     world.create("job-int")

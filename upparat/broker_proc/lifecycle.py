@@ -574,6 +574,10 @@ class Agent:
 
     def _installer_in_open(self, state: ip.JobState) -> None:
         job = self.job
+        if state.phase == ip.NONE:
+            # The answer to a query sent before the open (a repeated one: after a retry,
+            # or when the installer's connection was made again); the open's answer follows.
+            return
         if state.phase != ip.OPENED:
             return self._installer_in_sync(state)
         if job.aws_state == "reboot_start":
@@ -594,6 +598,8 @@ class Agent:
             return self.enter(P.INSTALL, state.message or "staged and verified")
         if state.phase == ip.OPENED:  # the installer restarted during staging
             return self._start_stage()
+        if state.phase == ip.NONE:  # its record is gone (deleted state): start over with it
+            return self.enter(P.SYNC, "the installer has no record of this job any more")
         self._installer_in_sync(state)
 
     def _installer_in_hook(self, state: ip.JobState) -> None:
