@@ -99,7 +99,9 @@ class FakeInstaller:
     def stage(self, job_id, execution):
         self.calls.append("stage")
         key = (job_id, execution)
-        rec = self.records[key]
+        rec = self.records.get(key)
+        if rec is None:
+            return self._reply(Refused(seq=1, code=NOT_PERMITTED, reason="no such job"))
         if rec.phase == ip.OPENED:
             rec.phase = ip.STAGED
             rec.message = "staged"

@@ -558,6 +558,8 @@ class Agent:
     def _installer_in_sync(self, state: ip.JobState) -> None:
         job = self.job
         if state.phase == ip.NONE:
+            if job.phase is not P.SYNC and P.OPEN not in TRANSITIONS[job.phase]:
+                return self.enter(P.SYNC, f"the installer has no record of this job during {job.phase.value}")
             return self.enter(P.OPEN, "the installer has no record of this job")
         if state.phase == ip.DISCARDED:
             return self.finish(FAILED, "installation_hook_failed",
@@ -568,6 +570,10 @@ class Agent:
             target = P.CONFIRM
         if target is P.VERSION and job.release.force:
             target = P.FETCH
+        if job.phase is not P.SYNC and target not in TRANSITIONS[job.phase]:
+            # An answer that does not fit this step (a stale one, or the installer's record
+            # changed under us, e.g. deleted): agree on the job again from the start.
+            return self.enter(P.SYNC, f"the installer reports {state.phase} during {job.phase.value}")
         if target is P.CONFIRM:
             job.restart_done_at = self.clock()
         self.enter(target, f"the installer reports {state.phase}")
@@ -598,8 +604,6 @@ class Agent:
             return self.enter(P.INSTALL, state.message or "staged and verified")
         if state.phase == ip.OPENED:  # the installer restarted during staging
             return self._start_stage()
-        if state.phase == ip.NONE:  # its record is gone (deleted state): start over with it
-            return self.enter(P.SYNC, "the installer has no record of this job any more")
         self._installer_in_sync(state)
 
     def _installer_in_hook(self, state: ip.JobState) -> None:
