@@ -40,20 +40,32 @@ from upparat.safejson import BadJson, loads
 
 EXAMPLES = int(os.environ.get("UPPARAT_FUZZ_EXAMPLES", "300"))
 pytestmark = pytest.mark.timeout(max(120, EXAMPLES // 10))
-COUNTS: dict[str, int] = {}
 LIVE = "job-1"
 BASE = f"$aws/things/{THING}/jobs"
 TOKEN = "<the agent's token>"
 
 
-def count(what: str) -> None:
-    COUNTS[what] = COUNTS.get(what, 0) + 1
+class Figures(dict):
+    """What a fuzz module counts, printed once its tests are done (``-s``)."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def count(self, what: str) -> None:
+        self[what] = self.get(what, 0) + 1
+
+    def fixture(self):
+        @pytest.fixture(scope="module", autouse=True)
+        def figures():
+            yield
+            print(f"\n{self.label}: " + json.dumps(dict(sorted(self.items()))))
+        return figures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def figures():
-    yield
-    print("\nbroker fuzz figures: " + json.dumps(dict(sorted(COUNTS.items()))))
+FIGURES = Figures("broker fuzz figures")
+count = FIGURES.count
+figures = FIGURES.fixture()
 
 
 class Unexpected(logging.Handler):
@@ -177,24 +189,19 @@ def release(world: World, hold: str) -> None:
     world.settle()
 
 
-@settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-@given(hold=st.sampled_from(HOLDS), burst=st.lists(message, min_size=1, max_size=8))
-def test_hostile_payloads_on_every_job_topic_never_crash_and_never_strand_the_job(tmp_path_factory, hold, burst):
-    count("examples")
-    world = build(tmp_path_factory.mktemp("w"), hold)
+def run_to_the_end(world: World, deliver, release) -> tuple[dict, tuple[str, str]]:
+    """The course of every broker fuzz example: ``deliver`` the hostile input,
+    ``release`` the held job, advance past every retry and bound of every
+    phase; then what each must show — nothing reached the catch-all path (or
+    logged a traceback), the live job ended, the agent is idle. Returns the
+    execution and its (status, state)."""
     catcher = Unexpected()
     logger = logging.getLogger("upparat.broker")
     logger.addHandler(catcher)
     try:
-        touched = False
-        for msg in burst:
-            topic, data, about_live = render(world, msg)
-            touched |= about_live
-            world.agent.handle_message(topic, data)
-            count("messages")
-            world.settle()
-        release(world, hold)
-        world.advance(900, step=15)  # every retry and bound of every phase
+        deliver()
+        release()
+        world.advance(900, step=15)
     finally:
         logger.removeHandler(catcher)
     assert not catcher.records, catcher.records
@@ -202,7 +209,26 @@ def test_hostile_payloads_on_every_job_topic_never_crash_and_never_strand_the_jo
     assert execution is not None
     assert execution["status"] in ("SUCCEEDED", "FAILED"), (execution["status"], execution["statusDetails"])
     assert world.agent.job is None, world.agent.job.phase
-    outcome = (execution["status"], execution["statusDetails"].get("state"))
+    return execution, (execution["status"], execution["statusDetails"].get("state"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(hold=st.sampled_from(HOLDS), burst=st.lists(message, min_size=1, max_size=8))
+def test_hostile_payloads_on_every_job_topic_never_crash_and_never_strand_the_job(tmp_path_factory, hold, burst):
+    count("examples")
+    world = build(tmp_path_factory.mktemp("w"), hold)
+    touched = False
+
+    def deliver():
+        nonlocal touched
+        for msg in burst:
+            topic, data, about_live = render(world, msg)
+            touched |= about_live
+            world.agent.handle_message(topic, data)
+            count("messages")
+            world.settle()
+
+    execution, outcome = run_to_the_end(world, deliver, lambda: release(world, hold))
     count(f"outcome {outcome[0]} {outcome[1]}")
     installs = [run for run in world.installer.runs if run[0] == "install"]
     if not touched:

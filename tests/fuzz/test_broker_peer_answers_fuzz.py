@@ -21,15 +21,13 @@ Short run (CI): ``UPPARAT_FUZZ_EXAMPLES`` (default 300). Long run: docs/reliabil
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fuzz.test_broker_fuzz import LIVE, Unexpected
+from tests.fuzz.test_broker_fuzz import LIVE, Figures, run_to_the_end
 from tests.unit.test_broker_lifecycle import World
 from upparat.ipc import fetcher_protocol as fp
 from upparat.ipc import installer_protocol as ip
@@ -38,18 +36,10 @@ from upparat.release import HOOK_NAMES
 
 EXAMPLES = int(os.environ.get("UPPARAT_FUZZ_EXAMPLES", "300"))
 pytestmark = pytest.mark.timeout(max(120, EXAMPLES // 10))
-COUNTS: dict[str, int] = {}
 HOLDS = ("sync", "open", "version", "fetch", "stage", "install", "restart")
-
-
-def count(what: str) -> None:
-    COUNTS[what] = COUNTS.get(what, 0) + 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def figures():
-    yield
-    print("\nbroker peer-answer fuzz figures: " + json.dumps(dict(sorted(COUNTS.items()))))
+FIGURES = Figures("broker peer-answer fuzz figures")
+count = FIGURES.count
+figures = FIGURES.fixture()
 
 
 text = st.sampled_from(["", "2.0.0", "1.0.0", "x" * 300, "boom"])
@@ -123,11 +113,10 @@ def test_repeated_stale_or_contradictory_peer_answers_never_crash_and_never_stra
                                                                                           hold, answers):
     count("examples")
     world = build(tmp_path_factory.mktemp("w"), hold)
-    catcher = Unexpected()
-    logger = logging.getLogger("upparat.broker")
-    logger.addHandler(catcher)
-    try:
-        live = False
+    live = False
+
+    def deliver():
+        nonlocal live
         for spec in answers:
             peer, message = render(world, spec)
             try:
@@ -139,15 +128,8 @@ def test_repeated_stale_or_contradictory_peer_answers_never_crash_and_never_stra
             (world.agent.handle_installer if peer == "installer" else world.agent.handle_fetcher)(message)
             count("answers")
             world.settle()
-        release(world, hold)
-        world.advance(900, step=15)  # every retry and bound of every phase
-    finally:
-        logger.removeHandler(catcher)
-    assert not catcher.records, catcher.records
-    execution = world.execution(LIVE)
-    assert execution["status"] in ("SUCCEEDED", "FAILED"), (execution["status"], execution["statusDetails"])
-    assert world.agent.job is None, world.agent.job.phase
-    outcome = (execution["status"], execution["statusDetails"].get("state"))
+
+    execution, outcome = run_to_the_end(world, deliver, lambda: release(world, hold))
     count(f"outcome {outcome[0]} {outcome[1]}")
     if not live:
         count("only answers about another job or execution")
