@@ -172,6 +172,9 @@ def test_kill_marked_kills_only_processes_carrying_the_marker(world_tmp):
     marked = subprocess.Popen(["sleep", "300"], env=env, start_new_session=True)
     unmarked = subprocess.Popen(["sleep", "300"], env=hooks.hook_env("b" * 32), start_new_session=True)
     try:
+        # Until it has exec'd, a child shows its parent's environment (no marker).
+        poll_for(lambda: hooks._marked(marked.pid, token) and hooks._marked(unmarked.pid, "b" * 32), 10,
+                 what="both sleeps exec'd with their markers")
         # The same group id, but without the marker (a reused id) must survive.
         killed = hooks.kill_marked(unmarked.pid, token)
         assert killed == 1
