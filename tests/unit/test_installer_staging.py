@@ -106,6 +106,38 @@ def test_same_file_system_is_taken_over_in_place(area):
     assert area.staged.read_bytes() == PAYLOAD
 
 
+def test_the_bytes_are_on_disk_before_the_staged_name_exists(area, monkeypatch):
+    """The fetcher does not fsync (upparat.ipc.handoff): the take-over does, in a
+    thread while it hashes, and renames only then, so after a power cut the
+    staged name never holds bytes that were lost."""
+    area.put()
+    ino = area.final.stat().st_ino
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        real_fsync(fd)
+        events.append(("fsync", os.fstat(fd).st_ino))
+
+    def rename(*args, **kwargs):
+        events.append(("rename", area.staged.exists()))
+        return real_rename(*args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    assert area.stage().how == "in place"
+    assert ("rename", False) in events
+    assert events.index(("fsync", ino)) < events.index(("rename", False))
+
+
+def test_a_file_that_fails_verification_stays_the_fetchers_and_nothing_is_staged(area):
+    area.put(bytes(len(PAYLOAD)))  # the right size, zeros: what a lost write-back leaves
+    before = area.final.stat()
+    area.fails("verification_failed", "sha256", rel=release(PAYLOAD))
+    after = area.final.stat()  # not taken over: the fetcher may delete it (the job ends) or download again
+    assert (after.st_ino, after.st_uid, after.st_mode) == (before.st_ino, before.st_uid, before.st_mode)
+
+
 def test_another_file_system_is_copied_and_hashed_in_one_pass(other_fs_area):
     area = other_fs_area
     area.put()
@@ -256,19 +288,21 @@ def test_a_writer_opening_during_verification_cannot_kill_the_installer_and_is_c
     broken lease must fail the stage."""
     area.put(os.urandom(8 * 1024 * 1024), area.final)
     rel = release(area.final.read_bytes())
-    opened = []
+    opened, calls = [], []
 
-    def writer_opens_now():
-        if area.staged.exists() and not opened:
-            # As root, in another process: the open is refused (EWOULDBLOCK) but starts the lease break.
+    def writer_opens_now():  # asked before the take-over, then right before the hash, the lease held
+        calls.append(1)
+        if len(calls) == 2:
+            # In another process: the open is refused (EWOULDBLOCK) but starts the lease break.
             code = ("import os, errno, sys\n"
                     "try:\n    os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK)\n"
                     "except BlockingIOError:\n    sys.exit(0)\n"
                     "sys.exit(1)\n")
-            opened.append(subprocess.run([sys.executable, "-c", code, str(area.staged)]).returncode)
+            opened.append(subprocess.run([sys.executable, "-c", code, str(area.final)]).returncode)
         return False
 
     area.fails("verification_failed", "tried to open", rel=rel, cancelled=writer_opens_now)
+    assert not area.staged.exists()
     assert opened == [0]  # the writer met our lease, so SIGIO was sent to us, and we are still here
 
 

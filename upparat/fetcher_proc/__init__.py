@@ -31,9 +31,10 @@ Promises:
   and after any failure when a new URL is given for the same release. A new
   URL for a running download is used from its next attempt.
 - Writes only ``handoff.part_name`` while downloading and, once size and
-  sha256 are checked, fsyncs it, closes its
-  descriptor and renames it to ``handoff.final_name`` in ``<download_dir>``
-  (mode 0600), and only then reports ``done``. Writes resume records only in
+  sha256 are checked, closes its descriptor and renames it to
+  ``handoff.final_name`` in ``<download_dir>`` (mode 0600), and only then
+  reports ``done`` (the installer fsyncs it while it hashes; a finished file
+  found after a restart is hashed again before it is reported). Writes resume records only in
   ``<state_location>/fetcher``. Paths never cross the socket.
 - promise 7, docs/contracts.md: a 200 answer to a range request restarts from zero; a 206
   is used only when its Content-Range continues exactly where the partial

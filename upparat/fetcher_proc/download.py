@@ -695,10 +695,9 @@ class Download:
         reason = verify.bytes_failure(self.release, sha256, size)
         if reason is not None:
             raise Failed("verification_failed", f"the downloaded file does not match: {reason}")
-        try:
-            os.fsync(self._fd)
-        except OSError as exc:
-            raise self._disk_failure(exc, "syncing the finished file") from None
+        # No fsync here: the installer writes the bytes to disk while it hashes
+        # them (upparat.ipc.handoff). After a power cut, a finished file is
+        # verified again before it is reported (_already_done).
         self._close_fd()  # the installer proves that no writer remains
         self._check_stop()
         try:

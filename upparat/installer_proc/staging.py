@@ -12,19 +12,23 @@ Same mount as the staging directory (rename works only within one mount;
 a bind mount has the same file system but is another mount): taken over in
 place, no copy.
 
-1. ``fchown`` root:root and ``fchmod`` 0400 on our own descriptor: from now
-   on no other user can open it for writing (and, with protected_hardlinks,
-   cannot link it).
-2. A read lease (``F_SETLEASE F_RDLCK``) is refused by the kernel while any
-   descriptor or shared mapping open for writing exists: granted, it proves
-   that the fetcher kept no way to change the bytes.
-3. Rename into the 0700 staging directory, and check that the name now
-   leads to the inode we hold (the fetcher could have swapped the name).
-4. ``F_GETLEASE`` still ``F_RDLCK``: nobody even tried to open it for
+1. A read lease (``F_SETLEASE F_RDLCK``, CAP_LEASE: the file is still the
+   fetcher's) is refused by the kernel while any descriptor or shared
+   mapping open for writing exists: granted, it proves that the fetcher kept
+   no way to change the bytes. Held to the end: an open for writing or a
+   truncate starts breaking it.
+2. The hash from our own descriptor while another thread fsyncs it (the
+   fetcher does not), the lease still intact; then size and sha256 against
+   the release, and the release itself again with the installer's own keys
+   and policy. A file that fails is left as it was, the fetcher's.
+3. ``fchown`` root:root and ``fchmod`` 0400: from now on no other user can
+   open it for writing (and, with protected_hardlinks, cannot link it).
+4. Rename into the 0700 staging directory, and check that the name now
+   leads to the inode we hold (the fetcher could have swapped the name);
+   fsync the new owner and both directories. The staged name thus never
+   holds bytes that are not on disk.
+5. ``F_GETLEASE`` still ``F_RDLCK``: nobody even tried to open it for
    writing meanwhile (that would have started breaking the lease).
-5. A second lease, the hash from our own descriptor, the lease still
-   intact; then size and sha256 against the release, and the release itself
-   again with the installer's own keys and policy.
 
 Across mounts: one pass that reads, hashes and writes the same buffer
 into a 0600 temporary file in the staging directory (so the hash is the hash
@@ -50,6 +54,7 @@ import os
 import secrets
 import signal
 import stat
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -248,18 +253,28 @@ def _same_mount(fd: int, st: os.stat_result, staging_dirfd: int) -> bool:
 
 def _take_over(src_dirfd: int, name: str, fd: int, staging_dirfd: int, staged: str, where: str, check: Check,
                cancelled: Callable[[], bool]) -> Staged:
-    if os.geteuid() == 0:
-        os.fchown(fd, 0, 0)  # also clears any set-id bit
-    os.fchmod(fd, 0o400)
-    st = os.fstat(fd)
-    if st.st_nlink == 0:
-        raise StageFailed(VERIFICATION_FAILED, f"{where} was replaced or deleted while it was taken over; "
-                          "not staged")
-    if st.st_nlink != 1:  # linked before the chown; protected_hardlinks stops it after
-        raise StageFailed(VERIFICATION_FAILED, f"{where} got a second hard link; not staged")
+    # Held from before the hash until the file is in the staging directory:
+    # granted, it proves that no writer exists; intact at the end, that none
+    # appeared (opening for writing, or truncating, starts breaking it).
     _lease(fd, where)
     moved = False
     try:
+        if cancelled():
+            raise Cancelled()
+        sha256, size = _hash_and_sync(fd)
+        if not _lease_intact(fd):
+            raise StageFailed(VERIFICATION_FAILED, f"a process tried to open {where} for writing while it was "
+                              "verified; not staged")
+        check_bytes(check, sha256, size)
+        if os.geteuid() == 0:
+            os.fchown(fd, 0, 0)  # also clears any set-id bit
+        os.fchmod(fd, 0o400)
+        st = os.fstat(fd)
+        if st.st_nlink == 0:
+            raise StageFailed(VERIFICATION_FAILED, f"{where} was replaced or deleted while it was taken over; "
+                              "not staged")
+        if st.st_nlink != 1:  # linked before the chown; protected_hardlinks stops it after
+            raise StageFailed(VERIFICATION_FAILED, f"{where} got a second hard link; not staged")
         try:
             os.rename(name, staged, src_dir_fd=src_dirfd, dst_dir_fd=staging_dirfd)
         except OSError as exc:
@@ -270,30 +285,43 @@ def _take_over(src_dirfd: int, name: str, fd: int, staging_dirfd: int, staged: s
         now = os.stat(staged, dir_fd=staging_dirfd, follow_symlinks=False)
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
             raise StageFailed(VERIFICATION_FAILED, f"{where} was replaced while it was taken over; not staged")
+        os.fsync(fd)  # the new owner and mode (the bytes are on disk already)
         os.fsync(staging_dirfd)
         os.fsync(src_dirfd)
         if not _lease_intact(fd):
             raise StageFailed(VERIFICATION_FAILED, f"a process tried to open {where} for writing while it was "
                               "taken over; not staged")
         _unlease(fd)
-        # A lease granted now proves again that no writer exists, and holding it
-        # while hashing proves that none appeared before the hash was complete.
-        _lease(fd, where)
-        if cancelled():
-            raise Cancelled()
-        sha256, size = verify.hash_fd(fd)
-        if not _lease_intact(fd):
-            raise StageFailed(VERIFICATION_FAILED, f"a process tried to open the staged copy of {where} for "
-                              "writing while it was verified; not staged")
-        _unlease(fd)
-        check_bytes(check, sha256, size)
-        os.fsync(fd)  # the new owner and mode are durable too
     except BaseException:
         _try_unlease(fd)
         if moved:
             _unlink(staging_dirfd, staged)
         raise
     return Staged(sha256, size, "in place")
+
+
+def _hash_and_sync(fd: int) -> tuple[str, int]:
+    """Our own read's sha256 and size, while another thread writes the bytes to
+    disk: the fetcher does not fsync the finished file (upparat.ipc.handoff),
+    so the staged name never exists before its bytes are durable. Both calls
+    release the GIL; the write-back costs no time next to the hash."""
+    failed: list[OSError] = []
+
+    def sync() -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=sync, name="stage-fsync", daemon=True)
+    thread.start()
+    try:
+        result = verify.hash_fd(fd)
+    finally:
+        thread.join()
+    if failed:
+        raise failed[0]
+    return result
 
 
 def _copy(fd: int, size: int, staging_dirfd: int, staged: str, where: str, check: Check,

@@ -2,19 +2,22 @@
 
 The fetcher writes a job's download to ``part_name`` in the download
 directory (``<download_location>/upparat``, owned by the fetcher's user, mode
-0700) and, once it has checked size, sha256 and signature while streaming,
-fsyncs it, closes every descriptor it holds on it, and renames it to
-``final_name``. Only then does it report ``done``.
+0700) and, once it has checked size and sha256 while streaming, closes
+every descriptor it holds on it and renames it to ``final_name``. Only then
+does it report ``done``. It does not fsync the finished file: the installer
+does, in a second thread while it hashes, before the file gets its staged
+name; after a power cut the fetcher hashes a finished file again before it
+reports it (a lost write-back means downloading again).
 
 The installer never takes a path from a message. For ``stage`` it builds
 ``final_name(job_id, execution)`` itself and opens it relative to the
 download directory without following links. It accepts only a regular file
 with one link, owned by the fetcher's uid, no larger than the release says;
-then it takes it out of the fetcher's reach (chown to root, mode 0400, a
-read lease that proves no writer remains, rename into its 0700 staging
-directory; or, across file systems, one pass that copies and hashes) and
-hashes its own read before anything is installed (docs/security.md,
-"Staging").
+then it hashes its own read under a read lease that proves no writer
+remains, and takes the file out of the fetcher's reach (chown to root, mode
+0400, rename into its 0700 staging directory; or, across file systems, one
+pass that copies and hashes) before anything is installed
+(docs/security.md, "Staging").
 """
 
 from __future__ import annotations
