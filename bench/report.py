@@ -63,6 +63,29 @@ def paired_speed(results: dict, label: str) -> str:
     return "–" if st is None else f"{st['median']:.2f}× ({st['min']:.2f}–{st['max']:.2f})"
 
 
+FREE = 1.8  # CPUs free (of 2) from which a run counts as run on a quiet machine
+
+
+def capacity_lines(results: dict, labels: list[str]) -> list[str]:
+    """How many CPUs the machine gave around each 256 MiB run, and each
+    side's median time split by that (nothing when the run predates the probe)."""
+    lines = []
+    curl_runs = timed(results["curl"])
+    if not any("capacity" in r for r in curl_runs):
+        return lines
+    for who in [CURL] + labels:
+        runs = curl_runs if who == CURL else timed(results["agents"].get(who, {}).get("big", []))
+        runs = [r for r in runs if r.get("capacity") is not None]
+        if not runs:
+            continue
+        free = stats([r["capacity"] for r in runs])
+        quiet = stats([r["to_install_s"] for r in runs if r["capacity"] >= FREE])
+        busy = stats([r["to_install_s"] for r in runs if r["capacity"] < FREE])
+        lines.append(f"| {who} | {free['median']:.2f} ({free['min']:.2f}–{free['max']:.2f}) | "
+                     f"{fmt(quiet, 's', 3) if quiet else '–'} | {fmt(busy, 's', 3) if busy else '–'} |")
+    return lines
+
+
 def why_missing(agent: dict, series: str) -> str:
     """Text for a cell without figures: what stopped the series."""
     prefixes = {"starts": ("start",), "idle": ("start",), "latency": ("start", "latency"),
@@ -188,6 +211,19 @@ def render(results: dict) -> str:
     w("`same, per round`: the median (min–max) of the ratio taken within each round, where the runs are "
       "adjacent in time; the target is judged on the ratio of the medians.")
     w("")
+    rows = capacity_lines(results, [label for label in (V2, V112) if label in agents])
+    if rows:
+        w(f"CPUs free around each run (`bench.procfs.parallel_capacity` just before and just after it, the lower "
+          f"kept: 2 when both CPUs are free, nearer 1 when the machine runs only one at a time), and the times "
+          f"split at {FREE} CPUs free. Upparat keeps both CPUs busy (server, download, hash); curl and sha256sum "
+          "mostly one, so a machine that gives less than two CPUs slows Upparat more. Not used to judge the "
+          "target; it tells a quiet run from a contended one.")
+        w("")
+        w(f"| who | CPUs free, median (min–max) | time, ≥ {FREE} free | time, < {FREE} free |")
+        w("|---|---|---|---|")
+        for row in rows:
+            w(row)
+        w("")
 
     # ------------------------------------------------------------------ 2. cpu
     w("## 2. CPU seconds per GiB, all processes together")

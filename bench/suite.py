@@ -7,7 +7,9 @@ Order, one thing at a time (the machine has 2 cores):
      settled, 1 MiB jobs (latency), 100 MiB jobs (status messages); stopped;
   2. 256 MiB: both agents started and idle, then rounds of
      curl+sha256sum / Upparat 2 / upparat 1.12 in rotating order (round 0
-     is the warm-up), each with the memory sampler and CPU accounting;
+     is the warm-up), each with the memory sampler and CPU accounting, and
+     with how many CPUs the machine gave just before and just after it
+     (``procfs.parallel_capacity``: a contended run is told from a quiet one);
   3. import costs (see ``bench.imports``).
 
 Before every timed transfer the bench calls sync(2) (no dirty pages from an
@@ -334,6 +336,7 @@ class Bench:
                 shift = round_no % len(order)
                 order = order[shift:] + order[:shift]
                 for entry in order:
+                    capacity = procfs.parallel_capacity()
                     if entry is None:
                         one = self.run_curl(name, plan.big_size)
                         one["warmup"] = round_no == 0
@@ -354,8 +357,10 @@ class Bench:
                         one["round"] = round_no
                         res.big.append(one)
                         label = agent.label
+                    one["capacity"] = min(capacity, procfs.parallel_capacity())
                     self.log(f"  round {round_no} {label}: {one['to_install_s']:.3f} s, cpu {one['cpu_s']:.2f} s, "
-                             f"peak PSS {one['memory']['peak']['pss'] / 1024:.1f} MiB")
+                             f"peak PSS {one['memory']['peak']['pss'] / 1024:.1f} MiB, "
+                             f"{one['capacity']:.2f} CPUs free")
         finally:
             for agent, res in running:
                 res.leftovers += agent.stop()

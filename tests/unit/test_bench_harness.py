@@ -180,3 +180,22 @@ def test_report_writes_only_sections_it_owns_and_keeps_the_others():
     merged = report.keep_foreign_sections(text, old)
     assert merged.endswith("## Download\nfetcher figures\n")
     assert "old" not in merged.split("## Targets", 1)[1].split("## 1.", 1)[0]
+
+
+def test_the_capacity_table_splits_each_sides_times_at_the_free_cpus():
+    results = _results("start: broken")
+    assert "CPUs free" not in report.render(results)  # results from before the probe: no table
+    results["curl"] = [{"round": r, "to_install_s": 0.8, "cpu_s": 0.8, "capacity": c, "memory": {"peak": {"pss": 1}}}
+                       for r, c in ((1, 1.95), (2, 1.3), (3, 1.9))]
+    results["agents"]["upparat 1.12"]["big"] = [dict(b, round=r, to_install_s=t, capacity=c)
+                                                for r, t, c in ((1, 0.4, 1.99), (2, 0.9, 1.2), (3, 0.5, 1.85))
+                                                for b in [results["agents"]["upparat 1.12"]["big"][0]]]
+    text = report.render(results)
+    assert "| curl + sha256sum | 1.90 (1.30–1.95) | 0.800 s (0.800–0.800, n=2) | 0.800 s (0.800–0.800, n=1) |" in text
+    assert "| upparat 1.12 | 1.85 (1.20–1.99) | 0.450 s (0.400–0.500, n=2) | 0.900 s (0.900–0.900, n=1) |" in text
+
+
+def test_parallel_capacity_measures_and_keeps_the_probe_buffer():
+    value = procfs.parallel_capacity(size=1 << 20, tries=3)
+    assert isinstance(value, float) and value > 0  # its size is timing: judged in bench/, never here
+    assert len(procfs._PROBE) == 1 << 20
