@@ -14,7 +14,7 @@ order in every round:
   and CPU seconds of the shell and its children (getrusage of children);
   and, for context, ``curl -s -o F URL`` and ``sha256sum F`` alone;
 - the fetcher: from sending ``fetch`` to receiving the pushed ``done``
-  (download, sha256 while streaming, size check, fsync, rename), wall time and
+  (download, sha256 while streaming, size check, rename), wall time and
   the fetcher's CPU seconds (/proc/PID/stat), over its socket as the broker
   would.
 
@@ -345,7 +345,7 @@ def main() -> int:
         "|---|---|---|---|---|",
         f"| curl -s -o f URL && sha256sum f | {curl_wall:.3f} | {size / MiB / curl_wall:.0f} | {curl_cpu:.3f} "
         f"| {curl_cpu * per_gib:.2f} |",
-        f"| fetcher: fetch -> pushed done (sha256 while streaming, fsync, rename) | {fetch_wall:.3f} "
+        f"| fetcher: fetch -> pushed done (sha256 while streaming, rename; the installer fsyncs while it hashes) | {fetch_wall:.3f} "
         f"| {size / MiB / fetch_wall:.0f} | {fetch_cpu:.3f} | {fetch_cpu * per_gib:.2f} |",
         f"| for context, curl -s -o f URL alone (verifies nothing) | {alone_wall:.3f} "
         f"| {size / MiB / alone_wall:.0f} | {alone_cpu:.3f} | {alone_cpu * per_gib:.2f} |",

@@ -215,9 +215,9 @@ def render(results: dict) -> str:
     if rows:
         w(f"CPUs free around each run (`bench.procfs.parallel_capacity` just before and just after it, the lower "
           f"kept: 2 when both CPUs are free, nearer 1 when the machine runs only one at a time), and the times "
-          f"split at {FREE} CPUs free. Upparat keeps both CPUs busy (server, download, hash); curl and sha256sum "
-          "mostly one, so a machine that gives less than two CPUs slows Upparat more. Not used to judge the "
-          "target; it tells a quiet run from a contended one.")
+          f"split at {FREE} CPUs free. Upparat's download keeps both CPUs busy (file server, download, hash "
+          "thread), curl mostly one. Reported to tell a run on a contended machine from one on a quiet machine; "
+          "not used to judge the target.")
         w("")
         w(f"| who | CPUs free, median (min–max) | time, ≥ {FREE} free | time, < {FREE} free |")
         w("|---|---|---|---|")
