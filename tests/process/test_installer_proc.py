@@ -332,6 +332,41 @@ def test_a_swap_before_the_stage_is_caught_by_the_installers_own_hash(installer)
     same_pid_and_serving(inst, peer, inst.pid)
 
 
+def test_the_fetcher_opening_its_file_for_writing_while_the_installer_hashes_it_is_caught(installer):
+    """The file is still the fetcher's while the installer hashes it (the lease
+    is taken before the chown): the fetcher, as its own user, keeps opening it
+    for writing. Every outcome must be a refusal with nothing staged."""
+    inst, peer = installer
+    data = os.urandom(256 * 1024 * 1024)
+    final = inst.download(data)
+    stop = inst.layout.download_dir / "stop-writing"
+    code = ("import os, sys, time\nmet = 0\nend = time.monotonic() + 20\nprint('ready', flush=True)\n"
+            "while time.monotonic() < end and not os.path.exists(sys.argv[2]):\n"
+            "    try:\n        os.close(os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK))\n"
+            "    except BlockingIOError:\n        met += 1\n"
+            "    except OSError:\n        pass\n"
+            "print(met, flush=True)\n")
+    writer = as_fetcher(inst, code, final, stop)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        pid = inst.pid
+        open_job(peer, rel(data))
+        state = stage(peer)
+        stop.touch()
+        met = int(writer.communicate(timeout=30)[0].split()[-1])
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(5)
+    assert (state.phase, state.failure) == (ip.FAILED, "verification_failed"), state.message
+    assert "for writing" in state.message
+    # Either the lease was refused (the writer held its descriptor at that instant)
+    # or the writer met the lease and broke it.
+    assert met > 0 or "still open for writing" in state.message
+    assert inst.staged_files() == []
+    same_pid_and_serving(inst, peer, pid)
+
+
 def test_a_writer_opening_during_the_take_over_cannot_kill_the_installer(installer):
     """A lease break sends SIGIO to the installer; a writer (root, so that no
     permission stops it) keeps trying to open the staged file while it is
