@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 from tests.unit.test_broker_lifecycle import THING, World
 from upparat.ipc import fetcher_protocol as fp
+from upparat.ipc import installer_protocol as ip
 from upparat.safejson import BadJson, loads
 
 EXAMPLES = int(os.environ.get("UPPARAT_FUZZ_EXAMPLES", "300"))
@@ -171,21 +172,32 @@ def build(tmp_path, hold: str) -> World:
     return world
 
 
+def release_fetch(world: World, only_while_fetching: bool = False) -> None:
+    """The held download ends: the fetcher pushes done for the live job."""
+    world.fetcher.hold = False
+    job = world.agent.job
+    if job is None or job.job_id != LIVE or only_while_fetching and job.phase.value != "fetch":
+        return
+    world.to_agent.append(("fetcher", fp.FetchStatus(seq=0, job_id=LIVE, execution=job.execution, state=fp.DONE,
+                                                     bytes_done=100, bytes_total=100, rate=0, failure=None,
+                                                     message="")))
+
+
+def release_hook(world: World, hold: str) -> None:
+    """The held hook (install or restart) ends."""
+    world.installer.hold.discard(hold)
+    for key, record in world.installer.records.items():
+        if record.hook is not None and record.hook.hook == hold and record.hook.state == ip.RUNNING:
+            world.installer.finish_hook(key)
+
+
 def release(world: World, hold: str) -> None:
     if hold == "idle":
         world.create(LIVE)
     elif hold == "fetch":
-        world.fetcher.hold = False
-        job = world.agent.job
-        if job is not None and job.job_id == LIVE:
-            world.to_agent.append(("fetcher", fp.FetchStatus(seq=0, job_id=LIVE, execution=job.execution,
-                                                             state=fp.DONE, bytes_done=100, bytes_total=100, rate=0,
-                                                             failure=None, message="")))
+        release_fetch(world)
     else:
-        world.installer.hold.discard(hold)
-        for key, record in world.installer.records.items():
-            if record.hook is not None and record.hook.hook == hold and record.hook.state == "running":
-                world.installer.finish_hook(key)
+        release_hook(world, hold)
     world.settle()
 
 

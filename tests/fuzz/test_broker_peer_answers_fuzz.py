@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fuzz.test_broker_fuzz import LIVE, Figures, run_to_the_end
+from tests.fuzz.test_broker_fuzz import LIVE, Figures, release_fetch, release_hook, run_to_the_end
 from tests.unit.test_broker_lifecycle import World
 from upparat.ipc import fetcher_protocol as fp
 from upparat.ipc import installer_protocol as ip
@@ -77,17 +77,9 @@ def release(world: World, hold: str) -> None:
     if hold in ("sync", "open", "stage"):
         delattr(world.installer, {"sync": "ping", "open": "open_job", "stage": "stage"}[hold])
     elif hold == "fetch":
-        world.fetcher.hold = False
-        job = world.agent.job
-        if job is not None and job.job_id == LIVE and job.phase.value == "fetch":
-            world.to_agent.append(("fetcher", fp.FetchStatus(seq=0, job_id=LIVE, execution=job.execution,
-                                                             state=fp.DONE, bytes_done=100, bytes_total=100, rate=0,
-                                                             failure=None, message="")))
+        release_fetch(world, only_while_fetching=True)
     else:
-        world.installer.hold.discard(hold)
-        for key, record in world.installer.records.items():
-            if record.hook is not None and record.hook.hook == hold and record.hook.state == ip.RUNNING:
-                world.installer.finish_hook(key)
+        release_hook(world, hold)
     world.settle()
 
 

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -332,24 +333,20 @@ def test_a_swap_before_the_stage_is_caught_by_the_installers_own_hash(installer)
     same_pid_and_serving(inst, peer, inst.pid)
 
 
-def test_the_fetcher_opening_its_file_for_writing_while_the_installer_hashes_it_is_caught(installer):
-    """The file is still the fetcher's while the installer hashes it (the lease
-    is taken before the chown): the fetcher, as its own user, keeps opening it
-    for writing. Every outcome must be a refusal with nothing staged."""
-    inst, peer = installer
-    data = os.urandom(256 * 1024 * 1024)
-    final = inst.download(data)
-    stop = inst.layout.download_dir / "stop-writing"
-    code = ("import os, sys, time\nmet = 0\nend = time.monotonic() + 20\nprint('ready', flush=True)\n"
-            "while time.monotonic() < end and not os.path.exists(sys.argv[2]):\n"
-            "    try:\n        os.close(os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK))\n"
-            "    except BlockingIOError:\n        met += 1\n"
-            "    except OSError:\n        pass\n"
-            "print(met, flush=True)\n")
-    writer = as_fetcher(inst, code, final, stop)
+# Keeps opening argv[1] for writing (without blocking) until argv[2] exists;
+# prints how often it met a lease (the open refused, a lease break started).
+WRITER = ("import os, sys, time\nmet = 0\nend = time.monotonic() + 20\nprint('ready', flush=True)\n"
+          "while time.monotonic() < end and not os.path.exists(sys.argv[2]):\n"
+          "    try:\n        os.close(os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK))\n"
+          "    except BlockingIOError:\n        met += 1\n"
+          "    except OSError:\n        pass\n"
+          "print(met, flush=True)\n")
+
+
+def stage_beside(writer: subprocess.Popen, peer, data: bytes, stop: Path) -> tuple[ip.JobState, int]:
+    """Open and stage a job while ``writer`` (running WRITER) tries; its count."""
     try:
         assert writer.stdout.readline().strip() == "ready"
-        pid = inst.pid
         open_job(peer, rel(data))
         state = stage(peer)
         stop.touch()
@@ -358,6 +355,19 @@ def test_the_fetcher_opening_its_file_for_writing_while_the_installer_hashes_it_
         if writer.poll() is None:
             writer.kill()
             writer.wait(5)
+    return state, met
+
+
+def test_the_fetcher_opening_its_file_for_writing_while_the_installer_hashes_it_is_caught(installer):
+    """The file is still the fetcher's while the installer hashes it (the lease
+    is taken before the chown): the fetcher, as its own user, keeps opening it
+    for writing. Every outcome must be a refusal with nothing staged."""
+    inst, peer = installer
+    data = os.urandom(256 * 1024 * 1024)
+    final = inst.download(data)
+    stop = inst.layout.download_dir / "stop-writing"
+    pid = inst.pid
+    state, met = stage_beside(as_fetcher(inst, WRITER, final, stop), peer, data, stop)
     assert (state.phase, state.failure) == (ip.FAILED, "verification_failed"), state.message
     assert "for writing" in state.message
     # Either the lease was refused (the writer held its descriptor at that instant)
@@ -374,28 +384,12 @@ def test_a_writer_opening_during_the_take_over_cannot_kill_the_installer(install
     inst, peer = installer
     data = os.urandom(256 * 1024 * 1024)
     inst.download(data)
-    final = inst.layout.download_dir / handoff.final_name("job-1", 1)
     staged = inst.layout.staging_dir / handoff.staged_name("job-1", 1)
-    code = ("import os, sys, time\nmet = 0\nend = time.monotonic() + 20\nprint('ready', flush=True)\n"
-            "while time.monotonic() < end and not os.path.exists(sys.argv[3]):\n"
-            "    try:\n        os.close(os.open(sys.argv[2], os.O_WRONLY | os.O_NONBLOCK))\n"
-            "    except BlockingIOError:\n        met += 1\n"
-            "    except OSError:\n        pass\n"
-            "print(met)\n")
     done_flag = inst.base / "writer-done"
-    writer = subprocess.Popen([sys.executable, "-c", code, str(final), str(staged), str(done_flag)],
+    pid = inst.pid
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(staged), str(done_flag)],
                               stdout=subprocess.PIPE, text=True)
-    try:
-        assert writer.stdout.readline().strip() == "ready"
-        pid = inst.pid
-        open_job(peer, rel(data))
-        state = stage(peer)
-        done_flag.touch()
-        met = int(writer.communicate(timeout=30)[0].split()[-1])
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait(5)
+    state, met = stage_beside(writer, peer, data, done_flag)
     assert met > 0, "the writer never met a lease: the test proved nothing"
     same_pid_and_serving(inst, peer, pid)
     if state.phase == ip.STAGED:  # the writer's open came between the leases: harmless
