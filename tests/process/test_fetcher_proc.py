@@ -53,10 +53,16 @@ class Broker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.client.sock.poll(100):
+                answer = None
+                # The whole batch: a push that came right behind the answer (a download
+                # that ended at once) must be kept, not dropped with the rest of it.
                 for reply in self.client.receive_ready():
-                    if reply.seq == message.seq and reply.seq != 0:
-                        return reply
-                    self.pushes.append(reply)
+                    if reply.seq == message.seq and reply.seq != 0 and answer is None:
+                        answer = reply
+                    else:
+                        self.pushes.append(reply)
+                if answer is not None:
+                    return answer
         raise AssertionError(f"no answer to {message.TYPE} within {timeout}s")
 
     def next_seq(self) -> int:
